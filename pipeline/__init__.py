@@ -1,0 +1,8 @@
+"""svdq-batch: batch image generation with 4-bit SVDQuant diffusion transformers, configured by Hydra.
+
+Layout: config/ (schema + validation), manifest.py (prompt lists), models/ (building pipelines),
+quantization/ (SVDQuant plan and the call that applies it), tasks.py (rows -> image tasks),
+runner.py (one job), outputs/ (files a run writes), sweep.py (multirun summary), cli.py (entry).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""The typed shape of a run's configuration, registered with Hydra's ConfigStore.
+
+Why: Hydra merges every YAML file and command-line override into these dataclasses, so a typo
+(`sampler.stpes`) or a wrong type (`sampler.steps=four`) fails at composition, naming the key.
+Value ranges that types cannot express are checked by `check()` methods, all at once, before any
+model is built (see `pipeline.config.validate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+# Both FLUX and Qwen-Image use an 8x VAE and 2x2 patches: image sides must be multiples of 16.
+SIZE_MULTIPLE = 16
+MAX_SIDE = 4096
+
+
+class Family(str, Enum):
+    flux = "flux"
+    qwen_image = "qwen-image"
+
+
+class ModelSource(str, Enum):
+    tiny = "tiny"  # built in-process from a config, seeded random weights
+    pretrained = "pretrained"  # a local diffusers folder or an HF id already in the local cache
+
+
+class QuantMode(str, Enum):
+    none = "none"
+    auto = "auto"
+    manual = "manual"
+
+
+class Precision(str, Enum):
+    int4 = "int4"
+    nvfp4 = "nvfp4"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"  # bfloat16 on CUDA, float32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class SeedPolicy(str, Enum):
+    index = "index"  # base seed + row index (a row's own seed wins)
+    fixed = "fixed"  # the base seed for every row (a row's own seed wins)
+
+
+class OnError(str, Enum):
+    abort = "abort"
+    skip = "skip"
+
+
+class SchedulerName(str, Enum):
+    default = "default"  # whatever the model ships with
+    flow_match_euler = "flow_match_euler"
+
+
+Problem = tuple[str, str]  # (dotted key, what is wrong and how to fix it)
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the in-process toy model; the architecture is the real one."""
+
+    num_layers: int = 2
+    num_single_layers: int = 2  # FLUX only
+    num_attention_heads: int = 2
+    attention_head_dim: int = 64
+    text_hidden_size: int = 64
+    text_layers: int = 2
+    vocab_size: int = 400
+    guidance_embeds: bool = False
+    sample_size: int = 128
+    seed: int = 0  # weights seed: same seed, same model, bit for bit
+
+
+@dataclass
+class ModelDefaults:
+    """What the model wants when the sampler leaves a value unset (null)."""
+
+    steps: int = 28
+    guidance: float = 3.5
+    true_cfg_scale: float = 1.0
+    height: int = 1024
+    width: int = 1024
+    max_sequence_length: int = 512
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: Family = MISSING
+    source: ModelSource = MISSING
+    # pretrained: a local folder with model_index.json, or an HF repo id found in the local cache
+    path: Optional[str] = None
+    hf_id: Optional[str] = None  # canonical repo id, for messages and for the cache lookup
+    revision: Optional[str] = None
+    license_url: Optional[str] = None
+    tiny: TinySpec = field(default_factory=TinySpec)
+    recommended: ModelDefaults = field(default_factory=ModelDefaults)
+
+    def check(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.source == ModelSource.pretrained and not (self.path or self.hf_id):
+            problems.append(("model.path", "a pretrained model needs model.path=/local/folder or an HF id"))
+        t = self.tiny
+        if t.attention_head_dim % 4:
+            problems.append(("model.tiny.attention_head_dim", f"must be a multiple of 4, got {t.attention_head_dim}"))
+        for key in ("num_layers", "num_attention_heads", "text_layers"):
+            if getattr(t, key) < 1:
+                problems.append((f"model.tiny.{key}", f"must be >= 1, got {getattr(t, key)}"))
+        return problems
+
+
+@dataclass
+class QuantizationConfig:
+    """SVDQuant settings. `mode` says who decides: nobody (none), the weight file (auto), you (manual)."""
+
+    mode: QuantMode = QuantMode.auto
+    path: Optional[str] = None  # a Nunchaku-format svdq-{precision}_r{rank}-*.safetensors file
+    enable: Optional[bool] = None
+    precision: Optional[Precision] = None
+    rank: Optional[int] = None
+    act_unsigned: Optional[bool] = None
+    preset: Optional[str] = None  # name of the preset that filled these values, for metadata
+
+    def check(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.rank is not None and (self.rank < 0 or self.rank % 16):
+            problems.append(
+                ("quantization.rank", f"must be a non-negative multiple of 16 (e.g. 32 or 128), got {self.rank}")
+            )
+        if self.act_unsigned and self.precision == Precision.nvfp4:
+            problems.append(("quantization.act_unsigned", "unsigned activations exist only for int4; set it false"))
+        if self.mode == QuantMode.none and self.enable:
+            problems.append(("quantization.enable", "quantization=none cannot be enabled; use quantization=manual"))
+        return problems
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.default
+    shift: Optional[float] = None  # flow-matching timestep shift; null keeps the model's
+    use_dynamic_shifting: Optional[bool] = None
+
+    def check(self) -> list[Problem]:
+        if self.shift is not None and self.shift <= 0:
+            return [("sampler.scheduler.shift", f"must be > 0, got {self.shift}")]
+        return []
+
+
+@dataclass
+class SamplerConfig:
+    """Generation settings; null means the model's default (model.recommended)."""
+
+    name: str = "default"
+    steps: Optional[int] = None
+    guidance: Optional[float] = None  # FLUX: distilled guidance; Qwen-Image: guidance-distilled only
+    true_cfg_scale: Optional[float] = None  # real classifier-free guidance with the negative prompt
+    height: Optional[int] = None
+    width: Optional[int] = None
+    negative_prompt: str = ""
+    seed: int = 0
+    seed_policy: SeedPolicy = SeedPolicy.index
+    max_sequence_length: Optional[int] = None
+    dtype: DType = DType.auto
+    device: Device = Device.auto
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def check(self) -> list[Problem]:
+        problems = check_generation_values(
+            "sampler",
+            steps=self.steps,
+            guidance=self.guidance,
+            true_cfg_scale=self.true_cfg_scale,
+            height=self.height,
+            width=self.width,
+            seed=self.seed,
+        )
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 1024:
+            problems.append(("sampler.max_sequence_length", f"must be in 1..1024, got {self.max_sequence_length}"))
+        return problems + self.scheduler.check()
+
+
+@dataclass
+class JobConfig:
+    """Which manifest to run and how to write its outputs."""
+
+    name: str = "job"
+    manifest: str = MISSING
+    batch_size: int = 4
+    limit: Optional[int] = None  # only the first N rows
+    on_error: OnError = OnError.abort
+    overwrite: bool = False
+    output_dir: Optional[str] = None  # null: Hydra's run dir (outputs/<date>/<time>)
+    grid: bool = True
+    grid_max_images: int = 64
+    png_metadata: bool = True
+    progress: str = "auto"  # auto | rich | plain | none
+
+    def check(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if not 1 <= self.batch_size <= 256:
+            problems.append(("job.batch_size", f"must be in 1..256, got {self.batch_size}"))
+        if self.limit is not None and self.limit < 1:
+            problems.append(("job.limit", f"must be >= 1 or null, got {self.limit}"))
+        if self.grid_max_images < 1:
+            problems.append(("job.grid_max_images", f"must be >= 1, got {self.grid_max_images}"))
+        if self.progress not in ("auto", "rich", "plain", "none"):
+            problems.append(("job.progress", f"must be one of auto, rich, plain, none; got {self.progress!r}"))
+        return problems
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    quantization: QuantizationConfig = MISSING
+    sampler: SamplerConfig = MISSING
+    job: JobConfig = MISSING
+
+    def check(self) -> list[Problem]:
+        return self.model.check() + self.quantization.check() + self.sampler.check() + self.job.check()
+
+
+def check_generation_values(prefix: str, **values: Any) -> list[Problem]:
+    """Range checks shared by the sampler config and manifest rows (which override it)."""
+    problems: list[Problem] = []
+    if prefix:
+        prefix += "."
+    steps = values.get("steps")
+    if steps is not None and not 1 <= steps <= 1000:
+        problems.append((f"{prefix}steps", f"must be in 1..1000, got {steps}"))
+    for key in ("guidance", "true_cfg_scale"):
+        v = values.get(key)
+        if v is not None and not 0 <= v <= 100:
+            problems.append((f"{prefix}{key}", f"must be in 0..100, got {v}"))
+    for key in ("height", "width"):
+        v = values.get(key)
+        if v is not None and (v % SIZE_MULTIPLE or not SIZE_MULTIPLE <= v <= MAX_SIDE):
+            lower = max(SIZE_MULTIPLE, v // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            problems.append(
+                (
+                    f"{prefix}{key}",
+                    f"must be a multiple of {SIZE_MULTIPLE} in {SIZE_MULTIPLE}..{MAX_SIDE}, got {v}"
+                    f" (nearest allowed: {lower} or {lower + SIZE_MULTIPLE})",
+                )
+            )
+    seed = values.get("seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        problems.append((f"{prefix}seed", f"must be in 0..2**63-1, got {seed}"))
+    return problems
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra: `conf/config.yaml` lists `run_schema` first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)

@@ -1,0 +1,41 @@
+"""Errors a user can act on. Each message names the file/line/key at fault and the fix.
+
+The command-line entry prints these without a traceback (exit code 2); anything else is a bug and
+keeps its traceback.
+"""
+
+
+class PipelineError(Exception):
+    """Base for user-facing errors."""
+
+
+class ConfigError(PipelineError):
+    """A config value is out of range or inconsistent."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        lines = [f"  {key}: {msg}" for key, msg in problems]
+        super().__init__("Invalid configuration:\n" + "\n".join(lines))
+
+
+class ManifestError(PipelineError):
+    """One or more manifest rows are malformed; `problems` holds `file:line: field: problem` lines."""
+
+    def __init__(self, path, problems: list[str], hint: str = ""):
+        self.path = path
+        self.problems = problems
+        head = f"Manifest {path} has {len(problems)} problem(s):"
+        tail = f"\n{hint}" if hint else ""
+        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems) + tail)
+
+
+class ModelNotFoundError(PipelineError):
+    """Weights for a real model are not on this machine (we never download)."""
+
+
+class DeviceError(PipelineError):
+    """The requested device or precision is not available here."""
+
+
+class QuantizationError(PipelineError):
+    """Quantization settings or a weight file that cannot be used."""

@@ -1,0 +1,87 @@
+"""One call from a ModelConfig to a ready diffusers pipeline on the chosen device and dtype."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pipeline.config.schema import Device, DType, Family, ModelConfig, ModelSource, SamplerConfig
+from pipeline.errors import DeviceError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASSES = {Family.flux: "FluxPipeline", Family.qwen_image: "QwenImagePipeline"}
+_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == Device.cuda:
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "sampler.device=cuda but no CUDA device is visible to torch "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+                "Use sampler.device=auto or sampler.device=cpu."
+            )
+        return torch.device("cuda")
+    if device == Device.cpu:
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
+    if dtype == DType.auto:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def build_pipeline(model: ModelConfig, sampler: SamplerConfig):
+    """Build (tiny) or load (pretrained, local only) the pipeline, then move it to device/dtype."""
+    device = resolve_device(sampler.device)
+    dtype = resolve_dtype(sampler.dtype, device)
+    if model.source == ModelSource.tiny:
+        from pipeline.models.tiny import build_tiny
+
+        pipe = build_tiny(model)
+    else:
+        pipe = _load_pretrained(model, dtype)
+    _move(pipe, device, dtype)
+    pipe.set_progress_bar_config(disable=True)  # our own progress bar counts images
+    _apply_scheduler(pipe, sampler)
+    return pipe, device, dtype
+
+
+def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
+    """pipe.to(), without diffusers' warning about fp32-kept modules (these models keep none)."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        pipe.to(device=device, dtype=dtype)
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
+    import diffusers
+
+    from pipeline.models.pretrained import resolve_model_dir
+
+    folder = resolve_model_dir(model)
+    cls = getattr(diffusers, PIPELINE_CLASSES[model.family])
+    log.info("Loading %s from %s", model.name, folder)
+    return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+
+
+def _apply_scheduler(pipe, sampler: SamplerConfig) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = sampler.scheduler
+    overrides = {}
+    if s.shift is not None:
+        overrides["shift"] = s.shift
+    if s.use_dynamic_shifting is not None:
+        overrides["use_dynamic_shifting"] = s.use_dynamic_shifting
+    if s.name.value == "flow_match_euler" or overrides:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **overrides)

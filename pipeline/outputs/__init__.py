@@ -1,0 +1,1 @@
+"""Everything a run writes: images with sidecars, index.jsonl, grid.png, run.json."""

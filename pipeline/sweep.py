@@ -1,0 +1,79 @@
+"""After a Hydra multirun: one table of every job (overrides, images, time, peak memory).
+
+Registered as a Hydra callback in conf/config.yaml; writes sweep.json and sweep.md into the
+sweep folder and prints the table with rich.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline.outputs.atomic import atomic_write_bytes, atomic_write_json
+
+COLUMNS = ("job", "overrides", "status", "made", "existing", "failed", "time_s", "peak_mem_mib")
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir()), key=_job_number):
+        run = job_dir / "run.json"
+        if not run.exists():
+            continue
+        rec = json.loads(run.read_text())
+        counts = rec.get("counts", {})
+        mem = rec.get("memory", {})
+        peak = mem.get("peak_cuda_allocated_bytes") or mem.get("peak_rss_bytes")
+        rows.append({
+            "job": job_dir.name,
+            "overrides": " ".join(rec.get("overrides", [])),
+            "status": rec.get("status"),
+            "made": counts.get("made", 0),
+            "existing": counts.get("skipped_existing", 0),
+            "failed": counts.get("failed", 0),
+            "time_s": rec.get("timing", {}).get("total_s"),
+            "peak_mem_mib": round(peak / 2**20, 1) if peak else None,
+            "error": rec.get("error"),
+            "dir": str(job_dir),
+        })
+    return rows
+
+
+def _job_number(d: Path) -> tuple[int, str]:
+    head = d.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, d.name)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(sweep_dir: Path, print_table: bool = True) -> list[dict[str, Any]]:
+    rows = collect(sweep_dir)
+    atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
+    atomic_write_bytes(sweep_dir / "sweep.md", to_markdown(rows).encode())
+    if print_table:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"sweep: {sweep_dir}")
+        for c in COLUMNS:
+            table.add_column(c, justify="right" if c not in ("job", "overrides", "status") else "left")
+        for r in rows:
+            table.add_row(*("" if r[c] is None else str(r[c]) for c in COLUMNS))
+        Console().print(table)
+    return rows
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            summarize(sweep_dir)
