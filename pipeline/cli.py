@@ -22,6 +22,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline.config import register_configs, to_run_config  # noqa: E402
+from pipeline.config.validate import unknown_override_keys  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -39,8 +40,18 @@ if not OmegaConf.has_resolver("slug"):
 register_configs()
 
 
+def main() -> None:
+    """Check command-line keys against the schema (with suggestions), then hand over to Hydra."""
+    problems = unknown_override_keys(sys.argv[1:])
+    if problems:
+        for key, msg in problems:
+            print(f"error: {key}: {msg}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> dict | None:
+def hydra_main(cfg: DictConfig) -> dict | None:
     from pipeline.runner import run_job
 
     hc = HydraConfig.get()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config.schema import Family, OnError, RunConfig
+from pipeline.config.schema import OnError, RunConfig
 from pipeline.errors import ManifestError
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import build_pipeline, resolve_device, resolve_dtype
@@ -169,7 +169,7 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, pending: list[ImageTask], sta
     rec["memory"] = memory.to_dict()
 
 
-def generate_batch(pipe, family: Family, batch: list[ImageTask]):
+def generate_batch(pipe, family: str, batch: list[ImageTask]):
     """One pipeline call for tasks sharing a batch key; each image has its own seeded generator."""
     t = batch[0]
     kwargs: dict[str, Any] = dict(
@@ -185,7 +185,7 @@ def generate_batch(pipe, family: Family, batch: list[ImageTask]):
     )
     if t.true_cfg_scale > 1:
         kwargs["negative_prompt"] = [x.negative_prompt or " " for x in batch]
-    if family == Family.flux or pipe.transformer.config.get("guidance_embeds"):
+    if family == "flux" or pipe.transformer.config.get("guidance_embeds"):
         kwargs["guidance_scale"] = t.guidance
     with torch.inference_mode():
         return pipe(**kwargs).images
@@ -208,7 +208,7 @@ def _save(cfg: RunConfig, plan: QuantPlan, task: ImageTask, image, time_s: float
         "manifest_line": task.row.line,
         "image_number": task.number,
         **params,
-        "model_family": cfg.model.family.value,
+        "model_family": cfg.model.family,
         "quantization": {**plan.to_dict(), "summary": rec["quantization"].get("summary")},
         "dtype": rec["dtype"],
         "device": rec["device"],
@@ -248,7 +248,7 @@ def _initial_record(cfg, manifest, plan, device, dtype, out_dir, resolved_config
             "rows_total": manifest.total_rows,
             "rows_valid": len(manifest.rows),
         },
-        "model": {"name": cfg.model.name, "family": cfg.model.family.value, "source": cfg.model.source.value},
+        "model": {"name": cfg.model.name, "family": cfg.model.family, "source": cfg.model.source.value},
         "quantization": {"plan": plan.to_dict()},
         "versions": package_versions(),
         "git_commit": git_commit(PROJECT_ROOT),

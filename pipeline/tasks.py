@@ -59,7 +59,7 @@ class ImageTask:
 
 def model_identity(model: ModelConfig) -> dict[str, Any]:
     """What identifies the weights: for tiny models their architecture and seed, else the path."""
-    ident: dict[str, Any] = {"name": model.name, "family": model.family.value, "source": model.source.value}
+    ident: dict[str, Any] = {"name": model.name, "family": model.family, "source": model.source.value}
     if model.source == ModelSource.tiny:
         from omegaconf import OmegaConf
 

@@ -19,9 +19,7 @@ SIZE_MULTIPLE = 16
 MAX_SIDE = 4096
 
 
-class Family(str, Enum):
-    flux = "flux"
-    qwen_image = "qwen-image"
+FAMILIES = ("flux", "qwen-image")  # a string, not an Enum: OmegaConf matches enum names, and "qwen-image" isn't one
 
 
 class ModelSource(str, Enum):
@@ -102,7 +100,7 @@ class ModelDefaults:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: Family = MISSING
+    family: str = MISSING  # one of FAMILIES
     source: ModelSource = MISSING
     # pretrained: a local folder with model_index.json, or an HF repo id found in the local cache
     path: Optional[str] = None
@@ -114,6 +112,8 @@ class ModelConfig:
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = []
+        if self.family not in FAMILIES:
+            problems.append(("model.family", f"must be one of {', '.join(FAMILIES)}; got {self.family!r}"))
         if self.source == ModelSource.pretrained and not (self.path or self.hf_id):
             problems.append(("model.path", "a pretrained model needs model.path=/local/folder or an HF id"))
         t = self.tiny

@@ -6,12 +6,12 @@ import logging
 
 import torch
 
-from pipeline.config.schema import Device, DType, Family, ModelConfig, ModelSource, SamplerConfig
+from pipeline.config.schema import Device, DType, ModelConfig, ModelSource, SamplerConfig
 from pipeline.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
-PIPELINE_CLASSES = {Family.flux: "FluxPipeline", Family.qwen_image: "QwenImagePipeline"}
+PIPELINE_CLASSES = {"flux": "FluxPipeline", "qwen-image": "QwenImagePipeline"}
 _DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 
 

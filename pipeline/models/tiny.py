@@ -257,4 +257,4 @@ TINY_BUILDERS = {"flux": build_tiny_flux, "qwen-image": build_tiny_qwen_image}
 
 
 def build_tiny(model: ModelConfig):
-    return TINY_BUILDERS[model.family.value](model.tiny)
+    return TINY_BUILDERS[model.family](model.tiny)
