@@ -61,7 +61,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
         out_dir = Path(cfg.job.output_dir)
     try:
         run = to_run_config(cfg)
-        record = run_job(run, out_dir, OmegaConf.to_container(cfg, resolve=True), list(hc.overrides.task))
+        record = run_job(run, out_dir, list(hc.overrides.task))
     except PipelineError as e:
         if multirun:
             log.error("job %s failed: %s", hc.job.num, e)

@@ -22,7 +22,7 @@ from pipeline.config.schema import OnError, RunConfig
 from pipeline.errors import ManifestError
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.models import build_pipeline, resolve_device, resolve_dtype
-from pipeline.outputs.atomic import append_line, atomic_write_json, remove_stale_temp_files
+from pipeline.outputs.atomic import append_line, atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from pipeline.outputs.grid import write_grid
 from pipeline.outputs.images import read_sidecar, write_image
 from pipeline.progress import progress
@@ -70,8 +70,7 @@ class RunState:
         atomic_write_json(self.out_dir / RUN_FILE, self.record)
 
 
-def run_job(cfg: RunConfig, out_dir: Path, resolved_config: dict[str, Any] | None = None,
-            overrides: list[str] | None = None) -> dict[str, Any]:
+def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Generate every image of the job into `out_dir` (skipping finished ones); return run.json's dict."""
     clock = Stopwatch()
     manifest = load_manifest(cfg)
@@ -88,7 +87,7 @@ def run_job(cfg: RunConfig, out_dir: Path, resolved_config: dict[str, Any] | Non
     _index_finished(out_dir, done)
 
     state = RunState(out_dir)
-    state.record = _initial_record(cfg, manifest, plan, device, dtype, out_dir, resolved_config, overrides)
+    state.record = _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides)
     state.record["counts"].update(planned=len(tasks), skipped_existing=len(done))
     state.save()
     if done:
@@ -118,15 +117,18 @@ def _partition(tasks: list[ImageTask], out_dir: Path, overwrite: bool):
 
 
 def _index_finished(out_dir: Path, done: list[ImageTask]) -> None:
-    """Add index lines for finished images a killed run wrote but did not index yet."""
+    """Repair index.jsonl after a crash: drop a cut-off last line, add finished images it lacks."""
     index = out_dir / INDEX_FILE
-    have = set()
+    have, kept, damaged = set(), [], False
     if index.exists():
         for line in index.read_text().splitlines():
             try:
                 have.add(json.loads(line)["file"])
+                kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut by a crash: the image is re-indexed below
+                damaged = True  # a line cut by a crash; its image is re-indexed below
+        if damaged or not index.read_bytes().endswith(b"\n") and kept:
+            atomic_write_bytes(index, "".join(f"{line}\n" for line in kept).encode())
     for t in done:
         if f"{t.stem}.png" not in have:
             side = read_sidecar(out_dir, t.stem)
@@ -222,7 +224,7 @@ def _save(cfg: RunConfig, plan: QuantPlan, task: ImageTask, image, time_s: float
     rec["counts"]["made"] += 1
 
 
-def _initial_record(cfg, manifest, plan, device, dtype, out_dir, resolved_config, overrides) -> dict[str, Any]:
+def _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides) -> dict[str, Any]:
     previous = []
     old_path = out_dir / RUN_FILE
     if old_path.exists():
@@ -240,7 +242,7 @@ def _initial_record(cfg, manifest, plan, device, dtype, out_dir, resolved_config
         "output_dir": str(out_dir),
         "command": sys.argv,
         "overrides": overrides or [],
-        "config": resolved_config,
+        "config": config_dict(cfg),
         "manifest": {
             "path": str(manifest.path),
             "format": manifest.format,
@@ -264,6 +266,13 @@ def _initial_record(cfg, manifest, plan, device, dtype, out_dir, resolved_config
         "memory": {},
         "previous_runs": previous,
     }
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The fully resolved config as plain JSON-able data."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
 def _finish(cfg: RunConfig, tasks: list[ImageTask], state: RunState, clock: Stopwatch, status: str) -> None:
