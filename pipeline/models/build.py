@@ -71,7 +71,7 @@ def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
     folder = resolve_model_dir(model)
     cls = getattr(diffusers, PIPELINE_CLASSES[model.family])
     log.info("Loading %s from %s", model.name, folder)
-    return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
 
 
 def _apply_scheduler(pipe, sampler: SamplerConfig) -> None:

@@ -61,13 +61,15 @@ def _from_hf_cache(repo_id: str, revision: str | None) -> tuple[Path | None, str
 
 def _not_found_message(model: ModelConfig, looked: list[str]) -> str:
     repo = model.hf_id or model.path or model.name
+    folder = f"/models/{repo.rstrip('/').split('/')[-1]}"
+    steps = ([f"accept the licence at {model.license_url} (gated models)"] if model.license_url else []) + [
+        f"hf download {repo} --local-dir {folder}",
+        f"copy {folder} to this machine and run with model.path={folder}",
+    ]
     lines = [f"Model '{model.name}' is not on this machine (nothing is downloaded at run time). Looked for:"]
     lines += [f"  - {item}" for item in looked]
+    lines += ["To get it, on a machine with internet:"] + [f"  {i}. {s}" for i, s in enumerate(steps, 1)]
     lines += [
-        "To get it, on a machine with internet:",
-        *([f"  1. accept the licence at {model.license_url} (gated models)"] if model.license_url else []),
-        f"  2. hf download {repo} --local-dir /models/{repo.split('/')[-1]}",
-        f"then copy that folder here and run with model.path=/models/{repo.split('/')[-1]}",
         "(or copy the Hugging Face cache folder to this machine's cache, "
         f"{hf_cache_dir()}). For an offline try-out use model=tiny-flux or model=tiny-qwen-image.",
     ]
