@@ -55,6 +55,15 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def varying_overrides(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Split override keys into those that differ between jobs and those all jobs share."""
+    parsed = [dict(o.split("=", 1) for o in r["overrides"].split() if "=" in o) for r in rows]
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    shared = [f"{k}={parsed[0][k]}" for k in keys if k not in varying and k in parsed[0]]
+    return varying, shared
+
+
 def summarize(sweep_dir: Path, print_table: bool = True) -> list[dict[str, Any]]:
     rows = collect(sweep_dir)
     atomic_write_json(sweep_dir / "sweep.json", {"sweep_dir": str(sweep_dir), "jobs": rows})
@@ -63,11 +72,18 @@ def summarize(sweep_dir: Path, print_table: bool = True) -> list[dict[str, Any]]
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"sweep: {sweep_dir}")
-        for c in COLUMNS:
-            table.add_column(c, justify="right" if c not in ("job", "overrides", "status") else "left")
+        varying, shared = varying_overrides(rows)
+        table = Table(title=f"sweep: {sweep_dir}", caption=("all jobs: " + " ".join(shared)) if shared else None)
+        table.add_column("#", justify="right")
+        for key in varying:
+            table.add_column(key, overflow="fold")
+        for c in COLUMNS[2:]:
+            table.add_column(c, justify="left" if c == "status" else "right")
         for r in rows:
-            table.add_row(*("" if r[c] is None else str(r[c]) for c in COLUMNS))
+            ov = dict(o.split("=", 1) for o in r["overrides"].split() if "=" in o)
+            num = r["job"].split("_", 1)[0]
+            cells = [num, *(ov.get(k, "") for k in varying), *("" if r[c] is None else str(r[c]) for c in COLUMNS[2:])]
+            table.add_row(*cells)
         Console().print(table)
     return rows
 
