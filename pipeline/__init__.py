@@ -6,3 +6,15 @@ runner.py (one job), outputs/ (files a run writes), sweep.py (multirun summary),
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+
+class _DropTorchvisionNotice(_logging.Filter):
+    """transformers warns that image processors fall back to PIL without torchvision; we use none."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
