@@ -275,27 +275,10 @@ def _build_row(raw: Any, index: int, line: int, path: str) -> tuple[Optional[Pro
 
 
 def _coerce(key: str, value: Any) -> Any:
-    text_cell = isinstance(value, _Text)
     if key in INT_FIELDS:
-        if text_cell:
-            try:
-                return int(value)
-            except ValueError:
-                raise ValueError(f"expected an integer, got {str(value)!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"expected an integer, got {_describe(value)}")
-        return value
+        return _number(value, int, "an integer")
     if key in FLOAT_FIELDS:
-        if text_cell:
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"expected a number, got {str(value)!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {_describe(value)}")
-        return float(value)
+        return _number(value, float, "a number")
     if key == "tags":
         if not isinstance(value, (dict, list, str)):
             raise ValueError(f"expected a mapping, list or string, got {_describe(value)}")
@@ -305,6 +288,19 @@ def _coerce(key: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {_describe(value)}")
     return str(value)
+
+
+def _number(value: Any, cast: type, name: str) -> Any:
+    """Text cells may hold numbers as text; JSON/YAML values must already be numbers (not bools)."""
+    if isinstance(value, _Text):
+        try:
+            return cast(value)
+        except ValueError:
+            raise ValueError(f"expected {name}, got {str(value)!r}") from None
+    exact = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not exact or (cast is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected {name}, got {_describe(value)}")
+    return cast(value)
 
 
 def _describe(value: Any) -> str:
