@@ -1,0 +1,112 @@
+"""Quantized replacements for nn.Linear: the SVDQuant W4A4 layer, AWQ W4A16, and a split-input pair.
+
+These hold tensors in their logical (unpacked) layout with the checkpoint's dtypes; `packing.py`
+converts to and from Nunchaku's on-disk tile order. Forward passes are the exact reference of
+what the kernels compute (see numerics.py), in PyTorch, on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipeline.quantization import numerics as nx
+
+
+class SVDQW4A4Linear(nn.Module):
+    """y = x̂·L1·L2 + Q(x̂)·Q(R) + b with x̂ = (x + shift) / smooth; L1 is stored pre-divided (proj_down).
+
+    A fused projection (q, k, v share one input) is quantized once and held as several parts: each
+    part owns its rows of the output-side tensors and shares the input-side ones (smooth, proj_down),
+    so its output equals the fused layer's rows. `ckpt_name` and `rows` say where it sits in the file.
+    """
+
+    def __init__(self, *, precision: str, qweight, wscales, smooth, proj_down, proj_up, bias=None,
+                 smooth_orig=None, wtscale=None, wcscales=None, act_unsigned: bool = False,
+                 act_shift: float = 0.0, ckpt_name: str = "", rows: Optional[tuple[int, int]] = None):
+        super().__init__()
+        self.precision = precision
+        self.out_features, self.in_features = qweight.shape
+        self.rank = proj_down.shape[1]
+        self.act_unsigned = act_unsigned
+        self.act_shift = act_shift
+        self.ckpt_name = ckpt_name
+        self.rows = rows or (0, self.out_features)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("wscales", wscales)
+        self.register_buffer("smooth", smooth)
+        self.register_buffer("smooth_orig", smooth if smooth_orig is None else smooth_orig)
+        self.register_buffer("proj_down", proj_down)
+        self.register_buffer("proj_up", proj_up)
+        self.register_buffer("bias", bias)
+        self.register_buffer("wtscale", wtscale)
+        self.register_buffer("wcscales", wcscales)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, {self.precision}, rank={self.rank}, "
+                f"unsigned={self.act_unsigned}, part={self.ckpt_name}[{self.rows[0]}:{self.rows[1]}]")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_shift:
+            x2 = x2 + self.act_shift
+        low = x2.float() @ self.proj_down.float()  # on the raw input: proj_down is L1 / smooth
+        xs = x2 / self.smooth.to(dtype)
+        a_codes, a_scales = nx.quantize_act(xs, self.precision, self.act_unsigned)
+        out = nx.w4a4_matmul(a_codes, a_scales, self.qweight, self.wscales, self.precision)
+        if self.precision == "nvfp4":
+            out = out * self.wtscale.float() * self.wcscales.float()
+        if self.bias is not None:
+            out = out + self.bias.float()
+        out = out + low @ self.proj_up.float().T
+        return out.to(dtype).reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective (N, K) weight in x-space, for reports and error analysis."""
+        r = nx.dequantize(self.qweight, self.wscales, self.precision, self.wtscale)
+        if self.wcscales is not None:
+            r = r * self.wcscales.float()[:, None]
+        w_hat = r + self.proj_up.float() @ (self.proj_down.float() * self.smooth.float()[:, None]).T
+        return w_hat / self.smooth.float()[None, :]
+
+
+class AWQW4A16Linear(nn.Module):
+    """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (Qwen-Image modulation)."""
+
+    def __init__(self, *, qweight, wscales, wzeros, bias, ckpt_name: str = ""):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.ckpt_name = ckpt_name
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("wscales", wscales)
+        self.register_buffer("wzeros", wzeros)
+        self.register_buffer("bias", bias)  # fp32, diffusers semantics (no folded +1)
+
+    def weight_fp32(self) -> torch.Tensor:
+        g = nx.INT4_GROUP
+        q = self.qweight.float().reshape(self.out_features, -1, g)
+        w = q * self.wscales.float().unsqueeze(-1) + self.wzeros.float().unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() @ self.weight_fp32().T
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+class SplitInputLinear(nn.Module):
+    """FLUX single blocks' proj_out: [attention | MLP] inputs, quantized as two layers and summed."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.split = first.in_features
+        self.first, self.second = first, second
+        self.in_features = first.in_features + second.in_features
+        self.out_features = first.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.first(x[..., : self.split]) + self.second(x[..., self.split :])

@@ -1,0 +1,135 @@
+"""4-bit number formats and the W4A4 product, exactly as our kernels compute them.
+
+INT4: symmetric, groups of 64 along K. Weights: s = absmax/7 (stored 16-bit), codes in [-8, 7].
+Activations, per token and group at run time: s = absmax/7 in the activation dtype, codes =
+saturate(round-half-even(x * (1/s))); unsigned (inputs known >= 0): s = absmax/15, codes 0..15.
+NVFP4: E2M1 values {0, .5, 1, 1.5, 2, 3, 4, 6} with sign, groups of 16, FP8 E4M3 group scales;
+weights also carry a per-tensor fp32 scale so their group scales fit E4M3's range.
+Product: per K-group, the code dot product is exact (small integers / half-integers in fp32);
+it is scaled by s_a * s_w in fp32 and accumulated over groups in K order, in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_GROUP = 64
+NVFP4_GROUP = 16
+FP8_MAX = 448.0
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+GELU_SHIFT = 0.171875  # tanh-GELU's minimum is about -0.17: shifted inputs are >= 0, so unsigned
+MAX_GEMM_CHUNK = 4096  # rows of activations per reference GEMM chunk (bounds CPU memory)
+
+
+def group_size(precision: str) -> int:
+    return INT4_GROUP if precision == "int4" else NVFP4_GROUP
+
+
+def _groups(t: torch.Tensor, g: int) -> torch.Tensor:
+    if t.shape[-1] % g:
+        raise ValueError(f"last dimension {t.shape[-1]} is not a multiple of the group size {g}")
+    return t.reshape(*t.shape[:-1], t.shape[-1] // g, g)
+
+
+# ---------- INT4 ----------
+
+def quantize_int4_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16):
+    """(N, K) float -> codes int8 (N, K) in [-8, 7], scales (N, K/64) in scale_dtype."""
+    wg = _groups(w.float(), INT4_GROUP)
+    scales = (wg.abs().amax(-1) / 7.0).to(scale_dtype)
+    s = scales.float().unsqueeze(-1)
+    codes = torch.where(s > 0, torch.round(wg / torch.where(s > 0, s, 1.0)), 0.0).clamp(-8, 7)
+    return codes.reshape(w.shape).to(torch.int8), scales
+
+
+def quantize_int4_act(x: torch.Tensor, unsigned: bool = False):
+    """(M, K) -> codes int8 (M, K), scales (M, K/64) in x's dtype (the kernels keep them 16-bit)."""
+    xg = _groups(x, INT4_GROUP)
+    qmax = 15.0 if unsigned else 7.0
+    scales = (xg.abs().amax(-1) / qmax).to(x.dtype)
+    inv = torch.where(scales > 0, 1.0 / scales.float(), 0.0).unsqueeze(-1)
+    lo, hi = (0, 15) if unsigned else (-8, 7)
+    codes = torch.round(xg.float() * inv).clamp(lo, hi)
+    return codes.reshape(x.shape).to(torch.int8), scales
+
+
+# ---------- NVFP4 (E2M1 + FP8 E4M3 scales) ----------
+
+def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value (ties to even mantissa), as 4-bit codes: sign << 3 | magnitude index."""
+    a = v.abs().float().clamp(max=6.0)
+    mids = _E2M1_MIDPOINTS.to(a.device)
+    idx = torch.searchsorted(mids, a.contiguous(), right=True)  # ties go up ...
+    tie = (idx > 0) & (a == mids[(idx - 1).clamp(min=0)])
+    idx = torch.where(tie & (idx % 2 == 1), idx - 1, idx)  # ... unless that makes the mantissa odd
+    sign = ((v < 0) & (idx > 0)).to(torch.uint8) << 3
+    return sign | idx.to(torch.uint8)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    values = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
+    return torch.where((codes & 8) > 0, -values, values)
+
+
+def quantize_nvfp4_weight(w: torch.Tensor):
+    """(N, K) -> codes uint8 (N, K), group scales float8_e4m3fn (N, K/16), per-tensor scale (fp32 scalar)."""
+    wg = _groups(w.float(), NVFP4_GROUP)
+    group_scale = wg.abs().amax(-1) / 6.0
+    tensor_scale = group_scale.max() / FP8_MAX
+    tensor_scale = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
+    scales = (group_scale / tensor_scale).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    eff = (scales.float() * tensor_scale).unsqueeze(-1)
+    codes = e2m1_encode(torch.where(eff > 0, wg / torch.where(eff > 0, eff, 1.0), 0.0))
+    return codes.reshape(w.shape), scales, tensor_scale.float()
+
+
+def quantize_nvfp4_act(x: torch.Tensor):
+    """(M, K) -> codes uint8 (M, K), scales float8_e4m3fn (M, K/16): s = min(absmax/6, 448)."""
+    xg = _groups(x.float(), NVFP4_GROUP)
+    scales = (xg.abs().amax(-1) / 6.0).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    s = scales.float().unsqueeze(-1)
+    codes = e2m1_encode(torch.where(s > 0, xg / torch.where(s > 0, s, 1.0), 0.0))
+    return codes.reshape(x.shape), scales
+
+
+# ---------- shared ----------
+
+def decode(codes: torch.Tensor, precision: str) -> torch.Tensor:
+    return codes.float() if precision == "int4" else e2m1_decode(codes)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, precision: str, tensor_scale=None) -> torch.Tensor:
+    g = group_size(precision)
+    vals = _groups(decode(codes, precision), g) * scales.float().unsqueeze(-1)
+    if tensor_scale is not None:
+        vals = vals * tensor_scale
+    return vals.reshape(codes.shape)
+
+
+def quantize_act(x: torch.Tensor, precision: str, unsigned: bool = False):
+    return quantize_int4_act(x, unsigned) if precision == "int4" else quantize_nvfp4_act(x)
+
+
+def quantize_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype = torch.bfloat16):
+    """-> (codes, scales, tensor_scale or None)."""
+    if precision == "int4":
+        codes, scales = quantize_int4_weight(w, scale_dtype)
+        return codes, scales, None
+    return quantize_nvfp4_weight(w)
+
+
+def w4a4_matmul(a_codes, a_scales, w_codes, w_scales, precision: str) -> torch.Tensor:
+    """Σ_g (A_g · W_gᵀ) * (s_a,g ⊗ s_w,g), groups accumulated in K order in fp32 -> (M, N) fp32."""
+    g = group_size(precision)
+    w_vals = _groups(decode(w_codes, precision), g)  # (N, G, g)
+    ws = w_scales.float()  # (N, G)
+    out = []
+    for start in range(0, a_codes.shape[0], MAX_GEMM_CHUNK):
+        a_vals = _groups(decode(a_codes[start : start + MAX_GEMM_CHUNK], precision), g)  # (m, G, g)
+        a_s = a_scales[start : start + MAX_GEMM_CHUNK].float()
+        acc = torch.zeros(a_vals.shape[0], w_vals.shape[0], device=a_vals.device)
+        for k in range(w_vals.shape[1]):
+            acc += (a_vals[:, k] @ w_vals[:, k].T) * (a_s[:, k, None] * ws[None, :, k])
+        out.append(acc)
+    return torch.cat(out) if out else torch.zeros(0, w_vals.shape[0], device=w_vals.device)
