@@ -1,0 +1,165 @@
+"""Nunchaku's on-disk tensor layouts: the MMA tile orders its kernels read, and their inverses.
+
+Every layout is a reshape + permute (plus nibble packing for 4-bit codes), so each `pack_*` has an
+exact `unpack_*`. The axis names and orders follow ../shared/docs/nunchaku-format.md (warp_n 128,
+4-bit codes, 8 codes per 32-bit register, MMA k-lanes x n-lanes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Weight codes (N, K): (n_tiles, n_packs 8, n_pack_size 2, n_lanes 8, reg_n 1,
+#                       k_tiles, k_packs 1, k_pack_size 2, k_lanes 4, reg_k 8)
+_W_PERM = (0, 5, 6, 1, 3, 8, 2, 7, 4, 9)
+# INT4 scales (N, K/64): N as (N/128, 1, 8, 2, 4, 2), then K/64; stored (K/64, N)
+_S_INT4_PERM = (0, 6, 1, 2, 4, 3, 5)
+# NVFP4 scales (N, K/16): N as (N/128, 1, 4, 4, 8), K/16 as (K/64, 4); stored (K/16, N)
+_S_FP4_PERM = (0, 5, 1, 4, 3, 2, 6)
+# Low-rank 16x16 blocks: (c_packs, r_packs, n_pack 2, n_lanes 8, reg_n 1, k_pack 2, k_lanes 4, reg_k 2).
+# (The shared doc says k_pack 1, but 1 x 4 lanes x 2 regs covers only 8 of the block's 16 k; an
+# m16n8k16 fragment holds 2 x 2 x 2 = 8 values in each of the 32 lanes, so k_pack is 2.)
+_LR_PERM = (0, 1, 3, 6, 2, 5, 4, 7)
+WARP_N = 128
+K_TILE = 64
+
+
+def _permute(t: torch.Tensor, view: tuple[int, ...], perm: tuple[int, ...]) -> torch.Tensor:
+    return t.reshape(view).permute(perm).contiguous()
+
+
+def _unpermute(t: torch.Tensor, view: tuple[int, ...], perm: tuple[int, ...], shape) -> torch.Tensor:
+    inverse = [perm.index(i) for i in range(len(perm))]
+    return t.reshape([view[p] for p in perm]).permute(inverse).contiguous().reshape(shape)
+
+
+def check_tileable(n: int, k: int, what: str) -> None:
+    if n % WARP_N or k % (2 * K_TILE):
+        raise ValueError(f"{what}: out_features {n} must be a multiple of {WARP_N} and in_features {k} of "
+                         f"{2 * K_TILE} for Nunchaku's tile layout")
+
+
+def _weight_view(n: int, k: int) -> tuple[int, ...]:
+    return (n // WARP_N, 8, 2, 8, 1, k // K_TILE, 1, 2, 4, 8)
+
+
+def pack_weight_codes(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (N, K) -> int8 (N, K/2): tile order, 8 codes per little-endian 32-bit word."""
+    n, k = codes.shape
+    nib = (codes.to(torch.int32) & 0xF).to(torch.uint8)
+    runs = _permute(nib, _weight_view(n, k), _W_PERM).reshape(-1, 8)
+    packed = runs[:, 0::2] | (runs[:, 1::2] << 4)  # code i at bits 4i of the word
+    return packed.reshape(n, k // 2).view(torch.int8)
+
+
+def unpack_weight_codes(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    n, half = packed.shape
+    k = half * 2
+    b = packed.contiguous().view(torch.uint8).reshape(-1, 4)
+    runs = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1, 8)
+    codes = _unpermute(runs, _weight_view(n, k), _W_PERM, (n, k))
+    if signed:
+        return torch.where(codes >= 8, codes.to(torch.int16) - 16, codes.to(torch.int16)).to(torch.int8)
+    return codes
+
+
+def _scale_layout(n: int, groups: int, precision: str):
+    if precision == "int4":
+        return (n // WARP_N, 1, 8, 2, 4, 2, groups), _S_INT4_PERM
+    return (n // WARP_N, 1, 4, 4, 8, groups // 4, 4), _S_FP4_PERM
+
+
+def pack_wscales(scales: torch.Tensor, precision: str) -> torch.Tensor:
+    """Group scales (N, K/G) -> (K/G, N) in tile order."""
+    n, groups = scales.shape
+    view, perm = _scale_layout(n, groups, precision)
+    return _permute(scales, view, perm).reshape(groups, n)
+
+
+def unpack_wscales(packed: torch.Tensor, precision: str) -> torch.Tensor:
+    groups, n = packed.shape
+    view, perm = _scale_layout(n, groups, precision)
+    return _unpermute(packed, view, perm, (n, groups))
+
+
+def _vector_order(n: int, device=None) -> torch.Tensor:
+    """Packed position 4ℓ+j of each 128-chunk holds channel 16⌊ℓ/4⌋ + 2(ℓ mod 4) + (0, 1, 8, 9)[j]."""
+    lane = torch.arange(32).repeat_interleave(4)
+    j = torch.arange(4).repeat(32)
+    within = 16 * (lane // 4) + 2 * (lane % 4) + torch.tensor([0, 1, 8, 9])[j]
+    return (within.repeat(n // WARP_N) + torch.arange(0, n, WARP_N).repeat_interleave(WARP_N)).to(device)
+
+
+def pack_vector(v: torch.Tensor) -> torch.Tensor:
+    """bias, smooth_factor, wcscales: the MMA accumulator fragment order, per 128 channels."""
+    return v[_vector_order(v.shape[0], v.device)].contiguous()
+
+
+def unpack_vector(packed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(packed)
+    out[_vector_order(packed.shape[0], packed.device)] = packed
+    return out
+
+
+def _lowrank_layout(c: int, r: int):
+    return (c // 16, r // 16, 2, 8, 1, 2, 4, 2), _LR_PERM
+
+
+def pack_proj_down(down: torch.Tensor) -> torch.Tensor:
+    """Logical (K, R) (applied as x @ down) -> stored (K, R) in tile order."""
+    k, r = down.shape
+    blocks = _permute(down.T, (r // 16, 16, k // 16, 16), (2, 0, 1, 3))  # (K/16, R/16, 16r, 16k)
+    view, perm = _lowrank_layout(k, r)
+    return _permute(blocks, view, perm).reshape(k, r)
+
+
+def unpack_proj_down(packed: torch.Tensor) -> torch.Tensor:
+    k, r = packed.shape
+    view, perm = _lowrank_layout(k, r)
+    blocks = _unpermute(packed, view, perm, (k // 16, r // 16, 16, 16))
+    return _unpermute(blocks, (r // 16, 16, k // 16, 16), (2, 0, 1, 3), (r, k)).T.contiguous()
+
+
+def pack_proj_up(up: torch.Tensor) -> torch.Tensor:
+    """Logical (N, R) -> stored (N, R) in tile order."""
+    n, r = up.shape
+    blocks = _permute(up, (n // 16, 16, r // 16, 16), (0, 2, 1, 3))  # (N/16, R/16, 16n, 16r)
+    view, perm = _lowrank_layout(n, r)
+    return _permute(blocks, view, perm).reshape(n, r)
+
+
+def unpack_proj_up(packed: torch.Tensor) -> torch.Tensor:
+    n, r = packed.shape
+    view, perm = _lowrank_layout(n, r)
+    blocks = _unpermute(packed, view, perm, (n // 16, r // 16, 16, 16))
+    return _unpermute(blocks, (n // 16, 16, r // 16, 16), (0, 2, 1, 3), (n, r))
+
+
+# ---------- AWQ W4A16 (modulation layers) ----------
+# qweight int32 (N/4, K/2): each word holds 4 output rows x 2 consecutive k codes (row-major in the
+# word, code i at bits 4i). This in-word order is our reading of the engine, not checked on real files.
+
+def pack_awq_codes(codes: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    runs = _permute(codes.to(torch.int64) & 0xF, (n // 4, 4, k // 2, 2), (0, 2, 1, 3)).reshape(n // 4, k // 2, 8)
+    words = sum(runs[..., i] << (4 * i) for i in range(8))
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_awq_codes(packed: torch.Tensor) -> torch.Tensor:
+    rows4, half = packed.shape
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    runs = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+    return _unpermute(runs.to(torch.uint8), (rows4, 4, half, 2), (0, 2, 1, 3), (rows4 * 4, half * 2))
+
+
+def interleave_rows(t: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Modulation outputs chunk-major (c·D + j) -> interleaved (j·chunks + c), as the engine stores them."""
+    d = t.shape[0] // chunks
+    return t.reshape(chunks, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
+
+
+def deinterleave_rows(t: torch.Tensor, chunks: int) -> torch.Tensor:
+    d = t.shape[0] // chunks
+    return t.reshape(d, chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
