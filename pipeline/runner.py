@@ -26,7 +26,7 @@ from pipeline.outputs.atomic import append_line, atomic_write_bytes, atomic_writ
 from pipeline.outputs.grid import write_grid
 from pipeline.outputs.images import read_sidecar, write_image
 from pipeline.progress import progress
-from pipeline.quantization import QuantPlan, quantize_transformer, resolve_plan
+from pipeline.quantization import QuantPlan, apply_plan, reconcile, resolve_plan
 from pipeline.runinfo import PeakMemory, Stopwatch, device_name, git_commit, package_versions
 from pipeline.tasks import ImageTask, batches, expand, run_identity
 
@@ -59,6 +59,16 @@ def load_manifest(cfg: RunConfig) -> Manifest:
     return manifest
 
 
+def plan_quantization(cfg: RunConfig) -> QuantPlan:
+    """The quantization plan, checked against the weight file's header and tensors (no weights loaded)."""
+    plan = resolve_plan(cfg.quantization, cfg.model.source)
+    if plan.enabled and plan.path:
+        from pipeline.quantization.checkpoint import inspect_checkpoint
+
+        plan = reconcile(plan, inspect_checkpoint(plan.path), cfg.quantization.force)
+    return plan
+
+
 @dataclass
 class RunState:
     """What run.json says; rewritten atomically whenever it changes in a way worth keeping."""
@@ -74,7 +84,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
     """Generate every image of the job into `out_dir` (skipping finished ones); return run.json's dict."""
     clock = Stopwatch()
     manifest = load_manifest(cfg)
-    plan = resolve_plan(cfg.quantization)
+    plan = plan_quantization(cfg)
     for note in plan.notes:
         log.info("quantization: %s", note)
     device = resolve_device(cfg.sampler.device)
@@ -144,7 +154,12 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, pending: list[ImageTask], sta
     rec = state.record
     load = Stopwatch()
     pipe, device, dtype = build_pipeline(cfg.model, cfg.sampler)
-    summary = quantize_transformer(pipe.transformer, plan)
+    original = None
+    if cfg.job.compare_to_unquantized and plan.enabled:
+        import copy
+
+        original = copy.deepcopy(pipe.transformer)
+    summary = apply_plan(pipe, plan, cfg, device)
     rec["quantization"]["summary"] = summary.to_dict()
     rec["timing"]["model_load_s"] = round(load.elapsed(), 4)
     state.save()
@@ -164,11 +179,36 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, pending: list[ImageTask], sta
                 bar.advance(len(batch), "failed")
                 continue
             per_image = clock.elapsed() / len(batch)
-            for task, image in zip(batch, images):
-                _save(cfg, plan, task, image, per_image, len(batch), state, device)
+            psnrs = _compare(pipe, original, cfg.model.family, batch, images) if original is not None else [None] * len(batch)
+            for task, image, psnr in zip(batch, images, psnrs):
+                _save(cfg, plan, task, image, per_image, len(batch), state, device, psnr)
             bar.advance(len(batch), batch[-1].stem)
             state.save()
     rec["memory"] = memory.to_dict()
+    values = [i["psnr_vs_unquantized"] for i in rec["images"] if i.get("psnr_vs_unquantized") is not None]
+    if values:
+        rec["quality"] = {"psnr_vs_unquantized_mean": round(sum(values) / len(values), 3),
+                          "psnr_vs_unquantized_min": round(min(values), 3), "images": len(values)}
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB between two 8-bit images (inf when identical)."""
+    import numpy as np
+
+    x, y = (np.asarray(i.convert("RGB"), dtype=np.float64) for i in (a, b))
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else round(10 * np.log10(255.0**2 / mse), 3)
+
+
+def _compare(pipe, original, family: str, batch: list[ImageTask], images) -> list[float]:
+    """Render the same batch with the 16-bit transformer (same seeds) and measure PSNR against it."""
+    quantized = pipe.transformer
+    pipe.transformer = original
+    try:
+        reference = generate_batch(pipe, family, batch)
+    finally:
+        pipe.transformer = quantized
+    return [psnr(a, b) for a, b in zip(images, reference)]
 
 
 def generate_batch(pipe, family: str, batch: list[ImageTask]):
@@ -194,7 +234,7 @@ def generate_batch(pipe, family: str, batch: list[ImageTask]):
 
 
 def _save(cfg: RunConfig, plan: QuantPlan, task: ImageTask, image, time_s: float, batch_size: int,
-          state: RunState, device: torch.device) -> None:
+          state: RunState, device: torch.device, psnr_db: float | None = None) -> None:
     rec = state.record
     params = {
         **task.params(),
@@ -218,9 +258,12 @@ def _save(cfg: RunConfig, plan: QuantPlan, task: ImageTask, image, time_s: float
         "time_s": round(time_s, 4),
         "batch_size": batch_size,
     }
+    if psnr_db is not None:
+        sidecar["psnr_vs_unquantized"] = psnr_db
     write_image(state.out_dir, task.stem, image, params, sidecar, embed=cfg.job.png_metadata)
     append_line(state.out_dir / INDEX_FILE, json.dumps(_index_line(sidecar), sort_keys=True))
-    rec["images"].append({"file": sidecar["file"], "time_s": sidecar["time_s"]})
+    rec["images"].append({"file": sidecar["file"], "time_s": sidecar["time_s"],
+                          **({"psnr_vs_unquantized": psnr_db} if psnr_db is not None else {})})
     rec["counts"]["made"] += 1
 
 

@@ -73,9 +73,14 @@ def model_identity(model: ModelConfig) -> dict[str, Any]:
 def run_identity(cfg: RunConfig, plan: QuantPlan, dtype: str) -> dict[str, Any]:
     """The run-wide part of every image's settings hash."""
     s = cfg.sampler.scheduler
+    quant = {k: getattr(plan, k) for k in ("enabled", "precision", "rank", "act_unsigned", "path")}
+    if plan.enabled and not plan.path:  # quantized in-process: the calibration shapes the weights
+        from dataclasses import asdict
+
+        quant["calibration"] = asdict(cfg.quantization.calibration)
     return {
         "model": model_identity(cfg.model),
-        "quantization": {k: getattr(plan, k) for k in ("enabled", "precision", "rank", "act_unsigned", "path")},
+        "quantization": quant,
         "scheduler": {"name": s.name.value, "shift": s.shift, "use_dynamic_shifting": s.use_dynamic_shifting},
         "dtype": dtype,
     }

@@ -18,7 +18,7 @@ from conftest import ROOT, run_cli, run_config
 from pipeline.runner import run_job
 
 pytestmark = pytest.mark.slow
-SLOW_RUN = ["job.batch_size=1", "sampler.steps=24", "job.progress=plain"]
+SLOW_RUN = ["job.batch_size=1", "sampler.steps=24", "job.progress=plain", "quantization=none"]
 
 
 def finished_pairs(folder: Path) -> set[str]:
@@ -56,7 +56,7 @@ def test_run_killed_mid_batch_resumes_making_exactly_the_missing_images(tmp_path
 
     # Same images as a run never interrupted.
     ref = tmp_path / "ref"
-    run_job(run_config([f"job.manifest={manifest}", *SLOW_RUN[:2], "job.progress=none"]), ref)
+    run_job(run_config([f"job.manifest={manifest}", *SLOW_RUN[:2], "quantization=none", "job.progress=none"]), ref)
     for i in range(10):
         a, b = (np.asarray(Image.open(d / f"{i:05d}_{i}.png")) for d in (out, ref))
         assert np.array_equal(a, b), i
@@ -86,12 +86,13 @@ def test_two_by_two_sweep_writes_four_job_folders_and_a_summary(tmp_path):
 
 def test_sweep_job_with_bad_settings_is_listed_as_failed_and_the_rest_run(tmp_path):
     sweep = tmp_path / "sweep"
-    r = run_cli(["-m", "quantization=none,int4_r32", "job.limit=1", f"hydra.sweep.dir={sweep}"])
+    r = run_cli(["-m", "model=tiny-flux,flux.1-dev", "job.limit=1", f"hydra.sweep.dir={sweep}"],
+                env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
     assert r.returncode == 0, r.stderr
     jobs = {j["overrides"]: j for j in json.loads((sweep / "sweep.json").read_text())["jobs"]}
-    assert jobs["quantization=none job.limit=1"]["status"] == "complete"
-    failed = jobs["quantization=int4_r32 job.limit=1"]
-    assert failed["status"] == "failed" and "SVDQuant" in failed["error"]
+    assert jobs["model=tiny-flux job.limit=1"]["status"] == "complete"
+    failed = jobs["model=flux.1-dev job.limit=1"]
+    assert failed["status"] == "failed" and "is not on this machine" in failed["error"]
 
 
 @pytest.mark.parametrize(

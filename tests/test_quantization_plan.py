@@ -27,9 +27,20 @@ def plan(*overrides):
     return resolve_plan(run_config(list(overrides)).quantization)
 
 
-def test_auto_without_file_keeps_16_bit():
+def test_auto_without_file_quantizes_tiny_models_in_process():
     p = plan()
+    assert (p.enabled, p.precision, p.rank, p.act_unsigned, p.decided_by) == (True, "int4", 32, True, "auto")
+    assert "quantizing the tiny model in-process" in p.notes[0]
+    p = plan("quantization.precision=nvfp4", "quantization.rank=64")
+    assert (p.precision, p.rank, p.act_unsigned) == ("nvfp4", 64, False)
+
+
+def test_auto_without_file_keeps_real_models_16_bit():
+    from pipeline.config.schema import ModelSource
+
+    p = resolve_plan(run_config(["model=flux.1-dev"]).quantization, ModelSource.pretrained)
     assert not p.enabled and p.decided_by == "none" and "no quantization.path" in p.notes[0]
+    assert not plan("quantization.on_the_fly=never").enabled
 
 
 def test_none_is_off():

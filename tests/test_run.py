@@ -48,8 +48,11 @@ def test_demo_run_writes_pngs_sidecars_index_grid_and_run_json(demo_run):
     assert run_json["memory"]["peak_rss_bytes"] > 100 * 2**20
     assert len(run_json["images"]) == 7 and all(i["time_s"] > 0 for i in run_json["images"])
     assert run_json["timing"]["total_s"] > 0 and run_json["timing"]["model_load_s"] > 0
-    assert run_json["quantization"]["plan"]["enabled"] is False
-    assert run_json["quantization"]["summary"]["bytes_before"] > 0
+    plan, summary = run_json["quantization"]["plan"], run_json["quantization"]["summary"]
+    assert (plan["enabled"], plan["precision"], plan["rank"], plan["decided_by"]) == (True, "int4", 32, "auto")
+    assert summary["applied"] and summary["source"] == "calibrated" and summary["layers_swapped"] == 24
+    assert summary["bytes_after"] < summary["bytes_before"]
+    assert len(summary["layers"]) == 24 and 0 < summary["layer_error_mean"] <= summary["layer_error_max"] < 0.5
     index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert sorted(i["file"] for i in index) == sorted(f"{s}.png" for s in DEMO_FILES)
     grid = Image.open(out / "grid.png")
@@ -62,7 +65,8 @@ def test_sidecar_and_png_chunk_hold_the_generation_parameters(demo_run):
     assert side["prompt"] == "the word hello written in neon letters on a brick wall"
     assert side["negative_prompt"] == "blurry, low quality" and side["true_cfg_scale"] == 3.0
     assert (side["seed"], side["steps"], side["guidance"], side["height"], side["width"]) == (5, 4, 3.5, 128, 128)
-    assert side["model"] == "tiny-flux" and side["quantization"]["decided_by"] == "none"
+    assert side["model"] == "tiny-flux" and side["quantization"]["decided_by"] == "auto"
+    assert (side["quantization"]["precision"], side["quantization"]["rank"], side["quantization"]["act_unsigned"]) == ("int4", 32, True)
     assert side["manifest_line"] == 6 and side["row_index"] == 5
     embedded = read_png_params(out / "neon_5.png")
     assert embedded["seed"] == 5 and embedded["prompt"] == side["prompt"]

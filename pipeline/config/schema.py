@@ -38,6 +38,18 @@ class Precision(str, Enum):
     nvfp4 = "nvfp4"
 
 
+class Backend(str, Enum):
+    auto = "auto"  # the real Nunchaku engine where it is installed and supports the GPU, else native
+    native = "native"  # this project's engine (PyTorch reference on CPU; kernels where built)
+    nunchaku = "nunchaku"  # the real engine only; an error where it is missing or is the wrong package
+
+
+class OnTheFly(str, Enum):
+    never = "never"
+    tiny = "tiny"  # quantize in-process when there is no file, for the tiny models only
+    always = "always"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -126,6 +138,31 @@ class ModelConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """How the quantizer sees activations: prompts run through the 16-bit pipeline, all timesteps hooked."""
+
+    manifest: str = "jobs/calibration.txt"
+    num_prompts: int = 8
+    steps: int = 4
+    height: Optional[int] = None  # null: the model's recommended size
+    width: Optional[int] = None
+    batch_size: int = 4
+    max_rows: int = 512  # token rows per layer kept to measure its output error
+    seed: int = 0
+    alphas: list[float] = field(default_factory=lambda: [round(a * 0.1, 1) for a in range(11)])
+
+    def check(self) -> list[Problem]:
+        problems = check_generation_values("quantization.calibration", steps=self.steps, height=self.height,
+                                           width=self.width, seed=self.seed)
+        for key in ("num_prompts", "batch_size", "max_rows"):
+            if getattr(self, key) < 1:
+                problems.append((f"quantization.calibration.{key}", f"must be >= 1, got {getattr(self, key)}"))
+        if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
+            problems.append(("quantization.calibration.alphas", f"must be a non-empty list in 0..1, got {self.alphas}"))
+        return problems
+
+
+@dataclass
 class QuantizationConfig:
     """SVDQuant settings. `mode` says who decides: nobody (none), the weight file (auto), you (manual)."""
 
@@ -136,9 +173,18 @@ class QuantizationConfig:
     rank: Optional[int] = None
     act_unsigned: Optional[bool] = None
     preset: Optional[str] = None  # name of the preset that filled these values, for metadata
+    force: bool = False  # settings that disagree with the file: warn and use the file, instead of failing
+    strict: bool = False  # fail instead of emulating when the GPU lacks the kernels' hardware
+    backend: Backend = Backend.auto
+    on_the_fly: OnTheFly = OnTheFly.tiny  # auto mode without a file: quantize in-process?
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    output: Optional[str] = None  # quantize job: folder for the svdq-*.safetensors file (null: run dir)
+    naming: str = "diffusers"  # quantize job: tensor names to write, diffusers | legacy (FLUX only)
 
     def check(self) -> list[Problem]:
-        problems: list[Problem] = []
+        problems: list[Problem] = self.calibration.check()
+        if self.naming not in ("diffusers", "legacy"):
+            problems.append(("quantization.naming", f"must be diffusers or legacy, got {self.naming!r}"))
         if self.rank is not None and (self.rank < 0 or self.rank % 16):
             problems.append(
                 ("quantization.rank", f"must be a non-negative multiple of 16 (e.g. 32 or 128), got {self.rank}")
@@ -210,6 +256,7 @@ class JobConfig:
     grid_max_images: int = 64
     png_metadata: bool = True
     progress: str = "auto"  # auto | rich | plain | none
+    compare_to_unquantized: bool = False  # also render each image 16-bit and report PSNR
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = []

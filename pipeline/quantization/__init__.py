@@ -1,6 +1,13 @@
-"""SVDQuant: decide the plan (plan.py), apply it to a transformer (apply.py)."""
+"""SVDQuant: decide the plan (plan.py), apply it (apply.py), and the engine behind it.
 
-from pipeline.quantization.apply import QuantSummary, module_bytes, quantize_transformer
-from pipeline.quantization.plan import QuantPlan, parse_weight_filename, resolve_plan
+numerics.py (4-bit formats, W4A4 product) -> layers.py (reference modules) -> quantizer.py (one
+layer) -> targets.py / transform.py / calibration.py (a whole transformer) -> packing.py /
+checkpoint.py (Nunchaku files) -> backend.py (which engine, which hardware).
+"""
 
-__all__ = ["QuantPlan", "QuantSummary", "module_bytes", "parse_weight_filename", "quantize_transformer", "resolve_plan"]
+from pipeline.quantization.apply import (QuantSummary, SVDQuantConfig, apply_plan, load_quantized_, module_bytes,
+                                         quantize_)
+from pipeline.quantization.plan import QuantPlan, parse_weight_filename, reconcile, resolve_plan
+
+__all__ = ["QuantPlan", "QuantSummary", "SVDQuantConfig", "apply_plan", "load_quantized_", "module_bytes",
+           "parse_weight_filename", "quantize_", "reconcile", "resolve_plan"]

@@ -1,19 +1,32 @@
-"""The one call that turns a loaded diffusers transformer into its SVDQuant form.
+"""The calls that turn a loaded diffusers transformer into its SVDQuant form.
 
-Like torchao's `quantize_(model, config)`: the runner calls `quantize_transformer(transformer,
-plan)` and gets back a summary for the metadata. The engine (quantizer, Nunchaku checkpoint
-reader, W4A4 reference and kernels) plugs in behind this function.
+Like torchao's `quantize_(model, config)`: `quantize_(transformer, config, stats)` quantizes in
+place from calibration statistics; `load_quantized_(transformer, path)` loads a Nunchaku file into
+it; `apply_plan(pipe, plan, ...)` is what a run calls: it picks one of the two (or the real
+Nunchaku engine) and returns a summary for the metadata.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
-from pipeline.errors import QuantizationError
 from pipeline.quantization.plan import QuantPlan
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class SVDQuantConfig:
+    precision: str = "int4"
+    rank: int = 32
+    act_unsigned: bool = True
+    alphas: Optional[list[float]] = None
+    dtype16: torch.dtype = torch.bfloat16
 
 
 @dataclass
@@ -26,24 +39,123 @@ class QuantSummary:
     rank: int | None
     act_unsigned: bool | None
     backend: str
+    source: str = "none"  # none | file | calibrated
+    notes: list[str] = field(default_factory=list)
+    layer_error_mean: Optional[float] = None
+    layer_error_max: Optional[float] = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers: what the weights cost in memory."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers as they would be stored: 4-bit codes count half a byte each."""
+    from pipeline.quantization.layers import AWQW4A16Linear, SVDQW4A4Linear
+
+    codes = {id(m.qweight) for m in module.modules() if isinstance(m, (SVDQW4A4Linear, AWQW4A16Linear))}
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() in seen:
+            continue  # fused parts share their input-side tensors
+        seen.add(t.data_ptr())
+        total += t.numel() // 2 if id(t) in codes else t.numel() * t.element_size()
+    return total
 
 
-def quantize_transformer(transformer: torch.nn.Module, plan: QuantPlan) -> QuantSummary:
-    """Apply `plan` to `transformer` in place and report what changed."""
-    size = module_bytes(transformer)
+def quantize_(transformer: nn.Module, config: SVDQuantConfig, stats, on_layer=None):
+    """Quantize every SVDQuant target of `transformer` in place; returns per-layer reports."""
+    from pipeline.quantization.targets import targets_for
+    from pipeline.quantization.transform import quantize_model
+
+    return quantize_model(transformer, targets_for(transformer), stats, precision=config.precision,
+                          rank=config.rank, act_unsigned=config.act_unsigned, alphas=config.alphas,
+                          dtype16=config.dtype16, on_layer=on_layer)
+
+
+def load_quantized_(transformer: nn.Module, path, act_unsigned: Optional[bool] = None):
+    """Load a Nunchaku-format file into `transformer` in place; returns (CheckpointInfo, layer names)."""
+    from pipeline.quantization.checkpoint import inspect_checkpoint, load_checkpoint
+
+    info = inspect_checkpoint(path)
+    unsigned = act_unsigned if act_unsigned is not None else (
+        info.act_unsigned if info.act_unsigned is not None else info.precision == "int4")
+    return info, load_checkpoint(transformer, path, info, act_unsigned=unsigned)
+
+
+def _log_layer(i: int, n: int, report) -> None:
+    log.info("  [%d/%d] %-45s %s  rel.err %.4f%s", i, n, report.name, "x".join(map(str, report.shape)),
+             report.rel_error, f"  alpha {report.alpha}" if report.alpha is not None else "")
+
+
+def calibrate(pipe, cfg, height: int, width: int, max_sequence_length: int):
+    """Run the calibration prompts through the 16-bit pipeline and return per-layer input statistics."""
+    from pipeline.manifest import read_manifest
+    from pipeline.quantization.calibration import CalibrationSettings, collect_stats
+    from pipeline.quantization.targets import targets_for
+    from pipeline.runner import resolve_manifest_path
+
+    c = cfg.quantization.calibration
+    manifest = read_manifest(resolve_manifest_path(c.manifest), limit=c.num_prompts)
+    prompts = [r.prompt for r in manifest.rows]
+    if not prompts:
+        from pipeline.errors import QuantizationError
+
+        raise QuantizationError(f"quantization.calibration.manifest={c.manifest} has no usable prompts")
+    settings = CalibrationSettings(prompts=prompts, steps=c.steps, height=c.height or height, width=c.width or width,
+                                   max_rows=c.max_rows, batch_size=c.batch_size, seed=c.seed,
+                                   max_sequence_length=max_sequence_length)
+    log.info("calibrating: %d prompts x %d steps at %dx%d (%s)", len(prompts), c.steps, settings.width,
+             settings.height, manifest.path)
+    return collect_stats(pipe, targets_for(pipe.transformer), settings)
+
+
+def apply_plan(pipe, plan: QuantPlan, cfg, device: torch.device) -> QuantSummary:
+    """Make `pipe.transformer` what `plan` says; the summary goes into run.json and every sidecar."""
+    from pipeline.quantization.backend import choose_backend
+
+    before = module_bytes(pipe.transformer)
     if not plan.enabled:
-        return QuantSummary(False, 0, size, size, None, None, None, backend="none")
-    raise QuantizationError(
-        f"SVDQuant {plan.precision} r{plan.rank} was requested ({plan.decided_by}), but this version has no "
-        "SVDQuant engine yet, so the 16-bit transformer cannot be replaced. Run with quantization=none "
-        "(or quantization=auto without quantization.path)."
-    )
+        return QuantSummary(False, 0, before, before, None, None, None, backend="none")
+    choice = choose_backend(cfg.quantization.backend, plan.precision, device, bool(plan.path), cfg.quantization.strict)
+    for note in choice.notes:
+        log.warning("quantization: %s", note)
+    summary = QuantSummary(True, 0, before, before, plan.precision, plan.rank, plan.act_unsigned,
+                           backend=choice.name, notes=list(choice.notes))
+    if choice.name == "nunchaku":
+        pipe.transformer = _load_with_engine(pipe, plan, device)
+        summary.source = "file"
+    elif plan.path:
+        _, names = load_quantized_(pipe.transformer, plan.path, plan.act_unsigned)
+        summary.layers_swapped, summary.source = len(names), "file"
+        log.info("loaded %d SVDQuant layers from %s", len(names), plan.path)
+    else:
+        rec = cfg.model.recommended
+        stats = calibrate(pipe, cfg, cfg.sampler.height or rec.height, cfg.sampler.width or rec.width,
+                          cfg.sampler.max_sequence_length or rec.max_sequence_length)
+        config = SVDQuantConfig(plan.precision, plan.rank, bool(plan.act_unsigned),
+                                list(cfg.quantization.calibration.alphas), _dtype16(pipe.transformer))
+        log.info("quantizing %s transformer: SVDQuant %s r%d", cfg.model.name, plan.precision, plan.rank)
+        reports = quantize_(pipe.transformer, config, stats, on_layer=_log_layer)
+        errors = [r.rel_error for r in reports]
+        summary.layers_swapped, summary.source = len(reports), "calibrated"
+        summary.layer_error_mean = round(sum(errors) / len(errors), 6)
+        summary.layer_error_max = round(max(errors), 6)
+        summary.layers = [r.to_dict() for r in reports]
+    summary.bytes_after = module_bytes(pipe.transformer)
+    return summary
+
+
+def _dtype16(transformer: nn.Module) -> torch.dtype:
+    """Storage dtype of the 16-bit branch: the model's if it is 16-bit, else bfloat16 (as Nunchaku's files)."""
+    dtype = next(transformer.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def _load_with_engine(pipe, plan: QuantPlan, device: torch.device):
+    """The real Nunchaku engine's own loader (only reached where that engine is installed)."""
+    import nunchaku
+
+    cls = nunchaku.NunchakuFluxTransformer2dModel if type(pipe.transformer).__name__.startswith("Flux") \
+        else nunchaku.NunchakuQwenImageTransformer2DModel
+    return cls.from_pretrained(plan.path).to(device)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config.schema import Precision, QuantizationConfig, QuantMode
+from pipeline.config.schema import ModelSource, OnTheFly, Precision, QuantizationConfig, QuantMode
 from pipeline.errors import QuantizationError
 
 # `fp4` is what Nunchaku's public files call NVFP4.
@@ -30,7 +30,7 @@ class QuantPlan:
     rank: Optional[int] = None
     act_unsigned: Optional[bool] = None
     path: Optional[str] = None
-    decided_by: str = "none"  # none | filename | manual | preset
+    decided_by: str = "none"  # none | filename | manual | preset | auto (tiny model quantized in-process)
     detected: dict[str, Any] = field(default_factory=dict)  # what the file name said
     requested: dict[str, Any] = field(default_factory=dict)  # what the config set explicitly
     notes: list[str] = field(default_factory=list)
@@ -54,8 +54,8 @@ def parse_weight_filename(path: str) -> Optional[dict[str, Any]]:
     return info
 
 
-def resolve_plan(q: QuantizationConfig) -> QuantPlan:
-    """Combine the weight file's name with explicit settings into one QuantPlan."""
+def resolve_plan(q: QuantizationConfig, model_source: ModelSource = ModelSource.tiny) -> QuantPlan:
+    """Combine the weight file's name with explicit settings into one QuantPlan (file contents: reconcile())."""
     requested = {
         k: (v.value if isinstance(v, Precision) else v)
         for k, v in (("enable", q.enable), ("precision", q.precision), ("rank", q.rank), ("act_unsigned", q.act_unsigned))
@@ -76,11 +76,23 @@ def resolve_plan(q: QuantizationConfig) -> QuantPlan:
         detected = info or {}
 
     if q.mode == QuantMode.auto and not q.path and not requested.get("enable"):
+        on_the_fly = q.on_the_fly == OnTheFly.always or (
+            q.on_the_fly == OnTheFly.tiny and model_source == ModelSource.tiny)
+        if requested.get("enable") is False or not on_the_fly:
+            return QuantPlan(
+                enabled=False,
+                decided_by="none",
+                requested=requested,
+                notes=["quantization=auto with no quantization.path: 16-bit transformer "
+                       "(set quantization.path=svdq-*.safetensors, or quantization=int4_r32 to quantize in-process)"],
+            )
+        precision = requested.get("precision", "int4")
+        rank = requested.get("rank", DEFAULT_RANK)
         return QuantPlan(
-            enabled=False,
-            decided_by="none",
+            enabled=True, precision=precision, rank=rank,
+            act_unsigned=requested.get("act_unsigned", precision == "int4"), decided_by="auto",
             requested=requested,
-            notes=["quantization=auto with no quantization.path: 16-bit transformer"],
+            notes=[f"quantization=auto with no file: quantizing the tiny model in-process ({precision} r{rank})"],
         )
 
     enabled = requested.get("enable", True)
@@ -122,3 +134,35 @@ def resolve_plan(q: QuantizationConfig) -> QuantPlan:
         requested=requested,
         notes=notes,
     )
+
+
+def reconcile(plan: QuantPlan, info, force: bool) -> QuantPlan:
+    """Check the file's name, header and tensors against each other and the settings; tensors win.
+
+    A disagreement is an error naming both sides, unless `force` is set: then the file's tensors
+    are used and the disagreement is kept in the notes.
+    """
+    found = {"precision": info.precision, "rank": info.rank}
+    plan.detected = {"filename": plan.detected, "metadata": {"precision": info.metadata_precision,
+                     "rank": info.metadata_rank, "act_unsigned": info.act_unsigned}, "tensors": found}
+    conflicts = []
+    for source, said in (("file name", plan.detected["filename"]), ("file header", plan.detected["metadata"])):
+        for key in ("precision", "rank"):
+            if said.get(key) is not None and said[key] != found[key]:
+                conflicts.append(f"the {source} says {key}={said[key]} but the tensors are {key}={found[key]}")
+    for key in ("precision", "rank"):
+        if key in plan.requested and plan.requested[key] != found[key]:
+            conflicts.append(f"quantization.{key}={plan.requested[key]} is set but the file's tensors are "
+                             f"{key}={found[key]}")
+    file_unsigned = info.act_unsigned if info.act_unsigned is not None else info.precision == "int4"
+    if "act_unsigned" in plan.requested and plan.requested["act_unsigned"] != file_unsigned:
+        conflicts.append(f"quantization.act_unsigned={plan.requested['act_unsigned']} is set but the file was "
+                         f"quantized with act_unsigned={file_unsigned}")
+    if conflicts and not force:
+        raise QuantizationError(
+            f"{plan.path}: " + "; ".join(conflicts)
+            + ". Fix the setting (or rename the file), or set quantization.force=true to use the file as it is."
+        )
+    plan.notes += [f"forced: {c}; using the file's tensors" for c in conflicts]
+    plan.precision, plan.rank, plan.act_unsigned = found["precision"], found["rank"], file_unsigned
+    return plan
