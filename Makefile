@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test sweep clean-outputs
+.PHONY: setup run test sweep quantize bench clean-outputs
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+quantize: setup
+	$(PY) -m pipeline.quantize_job $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/svdquant_error.py $(ARGS)
 
 sweep: setup
 	$(PY) -m pipeline -m quantization=none sampler.steps=2,4 $(ARGS)

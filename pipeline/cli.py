@@ -40,14 +40,24 @@ if not OmegaConf.has_resolver("slug"):
 register_configs()
 
 
-def main() -> None:
+def run_entry(hydra_fn) -> None:
     """Check command-line keys against the schema (with suggestions), then hand over to Hydra."""
     problems = unknown_override_keys(sys.argv[1:])
     if problems:
         for key, msg in problems:
             print(f"error: {key}: {msg}", file=sys.stderr)
         sys.exit(2)
-    hydra_main()
+    hydra_fn()
+
+
+def exit_on_user_error(e: PipelineError) -> None:
+    """Inside a Hydra task (Hydra would print a traceback): one clear message, exit status 2."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    run_entry(hydra_main)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -67,8 +77,7 @@ def hydra_main(cfg: DictConfig) -> dict | None:
             log.error("job %s failed: %s", hc.job.num, e)
             _write_failure(out_dir, e, list(hc.overrides.task))
             return None
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_user_error(e)
     c = record["counts"]
     log.info(
         "done: %d made, %d already there, %d failed, %d rows skipped -> %s",

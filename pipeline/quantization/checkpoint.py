@@ -139,6 +139,9 @@ def save_checkpoint(transformer: nn.Module, path: str | Path, *, precision: str,
     tensors = state_dict_for_file(transformer, precision=precision, rank=rank, naming=naming, dtype16=dtype16)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files private (0600); share like any output
     os.replace(tmp, path)
     return path
 
