@@ -47,6 +47,7 @@ def resolve_manifest_path(manifest: str) -> Path:
 def load_manifest(cfg: RunConfig) -> Manifest:
     """Read and check the whole manifest; with on_error=abort any bad row stops the run here."""
     manifest = read_manifest(resolve_manifest_path(cfg.job.manifest), cfg.job.limit)
+    _check_rows_against_model(manifest, cfg)
     if manifest.problems and cfg.job.on_error == OnError.abort:
         raise ManifestError(
             manifest.path,
@@ -67,6 +68,19 @@ def plan_quantization(cfg: RunConfig) -> QuantPlan:
 
         plan = reconcile(plan, inspect_checkpoint(plan.path), cfg.quantization.force)
     return plan
+
+
+def _check_rows_against_model(manifest: Manifest, cfg: RunConfig) -> None:
+    """Row values that are fine in general but not for this model become row problems too."""
+    from pipeline.manifest import RowProblem
+
+    least = cfg.model.recommended.min_steps
+    bad = [r for r in manifest.rows if r.steps is not None and r.steps < least]
+    for r in bad:
+        manifest.problems.append(RowProblem(str(manifest.path), r.line, "steps",
+                                            f"{cfg.model.name} needs at least {least} steps, got {r.steps}"))
+    manifest.rows = [r for r in manifest.rows if r not in bad]
+    manifest.problems.sort(key=lambda p: p.line)
 
 
 @dataclass

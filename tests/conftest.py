@@ -32,11 +32,12 @@ def run_config(overrides: list[str] | None = None):
     return to_run_config(compose(overrides))
 
 
-def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None):
-    """Run `python -m pipeline ARGS` as a user would; returns the CompletedProcess."""
+def run_cli(args: list[str], cwd: Path = ROOT, timeout: int = 300, env: dict | None = None,
+            module: str = "pipeline"):
+    """Run `python -m pipeline ARGS` (or another entry module) as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env=full_env,
     )
 

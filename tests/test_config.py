@@ -142,3 +142,17 @@ def test_overrides_reach_the_typed_config():
     run = run_config(["model=tiny-qwen-image", "sampler.steps=7", "sampler.seed=11", "job.batch_size=2"])
     assert run.model.family == "qwen-image"
     assert (run.sampler.steps, run.sampler.seed, run.job.batch_size) == (7, 11, 2)
+
+
+def test_qwen_image_refuses_one_step_everywhere(tmp_path):
+    with pytest.raises(ConfigError, match="sampler.steps: tiny-qwen-image needs at least 2 steps"):
+        run_config(["model=tiny-qwen-image", "sampler.steps=1"])
+    from pipeline.errors import ManifestError
+    from pipeline.runner import load_manifest
+
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"prompt": "a", "steps": 1}\n{"prompt": "b"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:1: steps: tiny-qwen-image needs at least 2 steps, got 1"):
+        load_manifest(run_config(["model=tiny-qwen-image", f"job.manifest={m}"]))
+    skipped = load_manifest(run_config(["model=tiny-qwen-image", f"job.manifest={m}", "job.on_error=skip"]))
+    assert [r.line for r in skipped.rows] == [2] and skipped.problems[0].line == 1

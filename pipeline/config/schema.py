@@ -107,6 +107,7 @@ class ModelDefaults:
     height: int = 1024
     width: int = 1024
     max_sequence_length: int = 512
+    min_steps: int = 1  # Qwen-Image's scheduler (shift_terminal) gives a NaN timestep for 1 step
 
 
 @dataclass
@@ -279,7 +280,14 @@ class RunConfig:
     job: JobConfig = MISSING
 
     def check(self) -> list[Problem]:
-        return self.model.check() + self.quantization.check() + self.sampler.check() + self.job.check()
+        problems = self.model.check() + self.quantization.check() + self.sampler.check() + self.job.check()
+        least = self.model.recommended.min_steps
+        for key, steps in (("sampler.steps", self.sampler.steps),
+                           ("quantization.calibration.steps", self.quantization.calibration.steps)):
+            if steps is not None and steps < least:
+                problems.append((key, f"{self.model.name} needs at least {least} steps (its scheduler gives NaN "
+                                      f"timesteps below that), got {steps}"))
+        return problems
 
 
 def check_generation_values(prefix: str, **values: Any) -> list[Problem]:

@@ -1,0 +1,182 @@
+"""Nunchaku-format files: quantize tiny models, save, reload identically; every bad file is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import run_config
+from pipeline.errors import QuantizationError
+from pipeline.models.tiny import build_tiny
+from pipeline.quantization import SVDQuantConfig, load_quantized_, quantize_
+from pipeline.quantization.calibration import CalibrationSettings, collect_stats
+from pipeline.quantization.checkpoint import file_name, inspect_checkpoint, save_checkpoint
+from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
+from pipeline.quantization.targets import targets_for
+
+
+def transformer_inputs(model: str):
+    g = torch.Generator().manual_seed(0)
+    common = dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
+                  timestep=torch.tensor([0.5]))
+    if model == "tiny-flux":
+        return dict(common, pooled_projections=torch.randn(1, 64, generator=g), img_ids=torch.zeros(16, 3),
+                    txt_ids=torch.zeros(8, 3))
+    return dict(common, encoder_hidden_states_mask=torch.ones(1, 8), img_shapes=[(1, 4, 4)])
+
+
+def forward(transformer, model):
+    with torch.no_grad():
+        return transformer(**transformer_inputs(model)).sample
+
+
+def quantized_pipe(model: str, precision: str):
+    pipe = build_tiny(run_config([f"model={model}"]).model)
+    pipe.set_progress_bar_config(disable=True)
+    stats = collect_stats(pipe, targets_for(pipe.transformer),
+                          CalibrationSettings(prompts=["a dog", "a red house"], steps=2, height=64, width=64,
+                                              max_sequence_length=32))
+    quantize_(pipe.transformer, SVDQuantConfig(precision, 32, True, [0.5]), stats)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model, precision, naming) -> (quantized pipe, file path), built once per module."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cache = {}
+
+    def get(model, precision, naming="diffusers"):
+        key = (model, precision, naming)
+        if key not in cache:
+            pipe = cache.get((model, precision, "pipe")) or quantized_pipe(model, precision)
+            cache[(model, precision, "pipe")] = pipe
+            path = tmp / naming / file_name(precision, 32, model)
+            path.parent.mkdir(exist_ok=True)
+            save_checkpoint(pipe.transformer, path, precision=precision, rank=32, act_unsigned=True,
+                            model_name=model, naming=naming)
+            cache[key] = (pipe, path)
+        return cache[key]
+
+    return get
+
+
+CASES = [("tiny-flux", "int4", "diffusers"), ("tiny-flux", "nvfp4", "diffusers"), ("tiny-flux", "int4", "legacy"),
+         ("tiny-qwen-image", "int4", "diffusers"), ("tiny-qwen-image", "nvfp4", "diffusers")]
+
+
+@pytest.mark.parametrize("model,precision,naming", CASES)
+def test_save_then_load_into_a_fresh_model_gives_identical_outputs_and_bytes(saved, tmp_path, model, precision, naming):
+    pipe, path = saved(model, precision, naming)
+    fresh = build_tiny(run_config([f"model={model}"]).model)
+    info, names = load_quantized_(fresh.transformer, path)
+    assert (info.precision, info.rank, info.naming) == (precision, 32, naming)
+    assert len(names) == len(targets_for(build_tiny(run_config([f"model={model}"]).model).transformer))
+    assert torch.equal(forward(fresh.transformer, model), forward(pipe.transformer, model))
+    again = tmp_path / "again.safetensors"
+    save_checkpoint(fresh.transformer, again, precision=precision, rank=32, act_unsigned=True, model_name=model,
+                    naming=naming)
+    a, b = load_file(str(path)), load_file(str(again))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_file_layout_and_metadata(saved):
+    _, path = saved("tiny-qwen-image", "int4")
+    with safe_open(str(path), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+        qkv = "transformer_blocks.0.attn.to_qkv"
+        assert f.get_slice(f"{qkv}.qweight").get_shape() == [384, 64]
+        assert f.get_slice(f"{qkv}.wscales").get_shape() == [2, 384]
+        assert f.get_slice(f"{qkv}.proj_down").get_shape() == [128, 32]
+        assert f.get_slice(f"{qkv}.proj_up").get_shape() == [384, 32]
+        assert f.get_tensor(f"{qkv}.qweight").dtype == torch.int8
+        assert f.get_slice("transformer_blocks.0.img_mod.1.qweight").get_shape() == [192, 64]
+        assert f.get_tensor("transformer_blocks.0.img_mod.1.qweight").dtype == torch.int32
+        assert f.get_slice("transformer_blocks.0.img_mod.1.wzeros").get_shape() == [2, 768]
+    assert {f"{qkv}.smooth_factor", f"{qkv}.smooth_factor_orig", f"{qkv}.bias", "img_in.weight", "proj_out.weight"} <= keys
+    assert not any(k.startswith("transformer_blocks.0.attn.to_q.") for k in keys)
+    q = json.loads(meta["quantization_config"])
+    assert q == {"method": "svdquant", "rank": 32, "weight": q["activation"], "activation": q["weight"]}
+    assert q["weight"] == {"dtype": "int4", "scale_dtype": "bfloat16", "group_size": 64}
+    assert meta["model_class"] == "NunchakuQwenImageTransformer2DModel"
+    assert json.loads(meta["config"])["num_layers"] == 2
+    assert json.loads(meta["svdq_batch"])["act_unsigned"] is True
+
+
+def test_legacy_names_and_nvfp4_tensors(saved):
+    _, legacy = saved("tiny-flux", "int4", "legacy")
+    keys = set(load_file(str(legacy)))
+    assert {"transformer_blocks.0.qkv_proj.lora_down", "transformer_blocks.0.qkv_proj_context.smooth",
+            "transformer_blocks.0.mlp_context_fc2.lora_up", "single_transformer_blocks.0.out_proj.qweight",
+            "single_transformer_blocks.0.mlp_fc2.smooth_orig"} <= keys
+    _, fp4 = saved("tiny-flux", "nvfp4")
+    t = load_file(str(fp4))
+    assert t["transformer_blocks.0.attn.to_qkv.wscales"].dtype == torch.float8_e4m3fn
+    assert t["transformer_blocks.0.attn.to_qkv.wscales"].shape == (8, 384)
+    assert t["transformer_blocks.0.attn.to_qkv.wtscale"].shape == () and "transformer_blocks.0.attn.to_qkv.wcscales" in t
+
+
+def test_quantized_modules_replace_the_right_layers(saved):
+    pipe, _ = saved("tiny-flux", "int4")
+    t = pipe.transformer
+    b = t.transformer_blocks[0]
+    assert isinstance(b.attn.to_q, SVDQW4A4Linear) and b.attn.to_q.proj_down is b.attn.to_v.proj_down
+    assert b.attn.to_q.rows == (0, 128) and b.attn.to_v.rows == (256, 384)
+    assert b.ff.net[2].act_unsigned and not b.ff.net[0].proj.act_unsigned
+    assert isinstance(t.single_transformer_blocks[0].proj_out, SplitInputLinear)
+    assert t.single_transformer_blocks[0].proj_out.second.act_unsigned
+    assert type(b.norm1.linear) is torch.nn.Linear and type(t.proj_out) is torch.nn.Linear
+    qwen, _ = saved("tiny-qwen-image", "int4")
+    assert isinstance(qwen.transformer.transformer_blocks[0].img_mod[1], AWQW4A16Linear)
+
+
+def _rewrite(src, dst, edit):
+    tensors = load_file(str(src))
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _load_error(path, model="tiny-flux") -> str:
+    fresh = build_tiny(run_config([f"model={model}"]).model)
+    with pytest.raises(QuantizationError) as e:
+        load_quantized_(fresh.transformer, path)
+    return str(e.value)
+
+
+def test_bad_files_name_the_tensor_and_the_shapes(saved, tmp_path):
+    _, path = saved("tiny-flux", "int4")
+    key = "transformer_blocks.1.ff.net.2.proj_up"
+    missing = _rewrite(path, tmp_path / "missing.safetensors", lambda t: t.pop(key))
+    assert f"missing tensor '{key}' (layer transformer_blocks.1.ff.net.2: 128x512, rank 32, int4)" in _load_error(missing)
+    wrong = _rewrite(path, tmp_path / "shape.safetensors", lambda t: t.__setitem__(key, t[key][:, :16].contiguous()))
+    assert f"tensor '{key}' has shape (128, 16), expected (128, 32)" in _load_error(wrong)
+    extra = _rewrite(path, tmp_path / "extra.safetensors", lambda t: t.__setitem__("stray.weight", torch.zeros(2)))
+    assert "1 tensor(s) this model has no place for: stray.weight" in _load_error(extra)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert "not a readable safetensors file (truncated or corrupt?)" in _load_error(truncated)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    assert "not a Nunchaku svdq-* file" in _load_error(plain)
+
+
+def test_file_for_another_model_is_refused(saved):
+    _, qwen_file = saved("tiny-qwen-image", "int4")
+    msg = _load_error(qwen_file, model="tiny-flux")
+    assert "missing tensor" in msg and "does not match this model" in msg
+
+
+def test_inspect_reads_precision_and_rank_from_tensors_and_header(saved, tmp_path):
+    _, path = saved("tiny-flux", "nvfp4")
+    info = inspect_checkpoint(path)
+    assert (info.precision, info.rank, info.metadata_precision, info.metadata_rank) == ("nvfp4", 32, "nvfp4", 32)
+    assert info.model_class == "NunchakuFluxTransformer2dModel"
