@@ -119,3 +119,47 @@ def test_quantize_job_user_error_exits_2(tmp_path):
     r = run_cli(["model=tiny-qwen-image", "quantization.calibration.steps=1", f"hydra.run.dir={tmp_path}"],
                 module="pipeline.quantize_job")
     assert r.returncode == 2 and "quantization.calibration.steps: tiny-qwen-image needs at least 2 steps" in r.stderr
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend torch sees a GPU of a given compute capability (the policy only asks torch)."""
+    import torch
+
+    def install(cc, name):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        return torch.device("cuda")
+
+    return install
+
+
+@pytest.mark.parametrize(
+    "cc,name,precision,problem",
+    [((6, 1), "GTX 1080", "int4", "INT4 kernels need compute capability 7.0 or newer; GTX 1080 is 6.1"),
+     ((9, 0), "H100", "nvfp4", "NVFP4 tensor cores are on Blackwell GPUs (compute capability 10.x/12.x); H100 is 9.0"),
+     ((8, 9), "RTX 4090", "nvfp4", "RTX 4090 is 8.9, so NVFP4 is emulated"),
+     ((9, 0), "H100", "int4", None), ((12, 0), "RTX 5090", "nvfp4", None), ((10, 0), "B200", "nvfp4", None)],
+)
+def test_device_policy_warns_or_fails_under_strict(fake_gpu, cc, name, precision, problem):
+    from pipeline.errors import DeviceError
+    from pipeline.quantization.backend import hardware_notes
+
+    device = fake_gpu(cc, name)
+    notes = hardware_notes(precision, device, strict=False)
+    assert any("PyTorch reference" in n for n in notes)
+    if problem:
+        assert any(problem in n for n in notes)
+        with pytest.raises(DeviceError, match="unset quantization.strict"):
+            hardware_notes(precision, device, strict=True)
+    else:
+        assert len(notes) == 1 and hardware_notes(precision, device, strict=True) == notes
+
+
+def test_engine_support_matrix_matches_nunchakus(fake_gpu):
+    from pipeline.quantization.backend import _engine_supports
+
+    for cc, int4, fp4 in [((7, 5), True, False), ((8, 9), True, False), ((9, 0), False, False),
+                          ((12, 0), False, True), ((6, 1), False, False)]:
+        device = fake_gpu(cc, "gpu")
+        assert (_engine_supports("int4", device), _engine_supports("nvfp4", device)) == (int4, fp4), cc
