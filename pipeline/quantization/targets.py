@@ -36,15 +36,19 @@ def _mlp(prefix: str, path: str) -> list[Target]:
             Target(f"{prefix}{path}.net.2", (f"{prefix}{path}.net.2",), after_gelu=True)]
 
 
+def _joint_block(p: str, image_mlp: str, text_mlp: str) -> list[Target]:
+    """A dual-stream block (FLUX double block, Qwen-Image block): image and text attention + MLPs."""
+    return [_qkv(p, "attn.to_qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+            _qkv(p, "attn.add_qkv_proj", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            Target(f"{p}attn.to_out.0", (f"{p}attn.to_out.0",)),
+            Target(f"{p}attn.to_add_out", (f"{p}attn.to_add_out",)),
+            *_mlp(p, image_mlp), *_mlp(p, text_mlp)]
+
+
 def flux_targets(transformer: nn.Module) -> list[Target]:
     out: list[Target] = []
     for i, _ in enumerate(transformer.transformer_blocks):
-        p = f"transformer_blocks.{i}."
-        out += [_qkv(p, "attn.to_qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
-                _qkv(p, "attn.add_qkv_proj", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                Target(f"{p}attn.to_out.0", (f"{p}attn.to_out.0",)),
-                Target(f"{p}attn.to_add_out", (f"{p}attn.to_add_out",)),
-                *_mlp(p, "ff"), *_mlp(p, "ff_context")]
+        out += _joint_block(f"transformer_blocks.{i}.", "ff", "ff_context")
     for i, block in enumerate(transformer.single_transformer_blocks):
         p = f"single_transformer_blocks.{i}."
         dim = block.proj_mlp.in_features
@@ -60,11 +64,7 @@ def qwen_image_targets(transformer: nn.Module) -> list[Target]:
     out: list[Target] = []
     for i, _ in enumerate(transformer.transformer_blocks):
         p = f"transformer_blocks.{i}."
-        out += [_qkv(p, "attn.to_qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
-                _qkv(p, "attn.add_qkv_proj", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                Target(f"{p}attn.to_out.0", (f"{p}attn.to_out.0",)),
-                Target(f"{p}attn.to_add_out", (f"{p}attn.to_add_out",)),
-                *_mlp(p, "img_mlp"), *_mlp(p, "txt_mlp"),
+        out += [*_joint_block(p, "img_mlp", "txt_mlp"),
                 # img_mod/txt_mod = (shift, scale, gate) for attention, then for the MLP.
                 Target(f"{p}img_mod.1", (f"{p}img_mod.1",), kind="awq", mod_chunks=6, scale_chunks=(1, 4)),
                 Target(f"{p}txt_mod.1", (f"{p}txt_mod.1",), kind="awq", mod_chunks=6, scale_chunks=(1, 4))]
