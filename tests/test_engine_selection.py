@@ -145,15 +145,25 @@ def test_device_policy_warns_or_fails_under_strict(fake_gpu, cc, name, precision
     from pipeline.errors import DeviceError
     from pipeline.quantization.backend import hardware_notes
 
+    from pipeline.kernels.dispatch import describe
+
     device = fake_gpu(cc, name)
     notes = hardware_notes(precision, device, strict=False)
-    assert any("PyTorch reference" in n for n in notes)
+    expected = describe(device, precision)  # Triton kernels for INT4 on sm_75+ where triton is installed
+    assert notes[-1] == f"{precision} layers run through the {expected} on {name}"
+    assert ("Triton" in expected) == (precision == "int4" and cc >= (7, 5) and _has_triton())
     if problem:
         assert any(problem in n for n in notes)
         with pytest.raises(DeviceError, match="unset quantization.strict"):
             hardware_notes(precision, device, strict=True)
     else:
         assert len(notes) == 1 and hardware_notes(precision, device, strict=True) == notes
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def test_engine_support_matrix_matches_nunchakus(fake_gpu):

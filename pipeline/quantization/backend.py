@@ -59,8 +59,10 @@ def hardware_notes(precision: str, device: torch.device, strict: bool) -> list[s
                    f"{major}.{minor}, so NVFP4 is emulated")
     if problem and strict:
         raise DeviceError(f"{problem}. Use quantization.precision=int4 on this GPU, or unset quantization.strict.")
+    from pipeline.kernels.dispatch import describe
+
     notes = [problem] if problem else []
-    notes.append(f"{precision} layers run through the PyTorch reference on {name} (GPU kernels not built in)")
+    notes.append(f"{precision} layers run through the {describe(device, precision)} on {name}")
     return notes
 
 

@@ -74,8 +74,8 @@ def _build(w, bias, lam, *, precision, rank, unsigned, shift, dtype16, name) -> 
     w_hat = w * lam[None, :]
     if rank > 0:
         u, s, vh = torch.linalg.svd(w_hat, full_matrices=False)
-        proj_up = (u[:, :rank] * s[:rank]).to(dtype16)  # (N, r)  = L2ᵀ
-        proj_down = (vh[:rank].T / lam[:, None]).to(dtype16)  # (K, r) = L1 / λ, applied to raw x
+        proj_up = (u[:, :rank] * s[:rank]).to(dtype16).contiguous()  # (N, r)  = L2ᵀ
+        proj_down = (vh[:rank].T / lam[:, None]).to(dtype16).contiguous()  # (K, r) = L1 / λ, applied to raw x
         low = proj_up.float() @ (proj_down.float() * lam[:, None]).T
     else:
         proj_up = torch.zeros(w.shape[0], 0, dtype=dtype16)
