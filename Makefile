@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test sweep quantize bench clean-outputs
+.PHONY: setup run test sweep quantize bench bench-gpu gpu-wheels clean-outputs
 
 setup: $(STAMP)
 
@@ -28,6 +28,13 @@ quantize: setup
 
 bench: setup
 	$(PY) benchmarks/svdquant_error.py $(ARGS)
+
+# Needs CUDA (see benchmarks/gpu_bench.py; --smoke checks it on CPU). Writes outputs/bench/gpu.json.
+bench-gpu:
+	$(PYTHON) benchmarks/gpu_bench.py $(ARGS)
+
+gpu-wheels: setup
+	PY=$(PY) benchmarks/gpu_wheels.sh
 
 sweep: setup
 	$(PY) -m pipeline -m quantization=none sampler.steps=2,4 $(ARGS)

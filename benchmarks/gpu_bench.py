@@ -1,0 +1,336 @@
+"""GPU benchmark: our W4A4 GEMM vs cuBLAS BF16 and FP8, and whole transformers vs BF16 and NF4.
+
+    python benchmarks/gpu_bench.py                    # everything (make bench-gpu); needs CUDA
+    python benchmarks/gpu_bench.py --only gemm        # piecewise: gemm | flux | qwen
+    python benchmarks/gpu_bench.py --smoke            # toy sizes on CPU: checks the script, timings meaningless
+
+Prints tables and writes JSON (default outputs/bench/gpu.json). Transformers are built from their
+configs with random weights (no download); quantized layers get random 4-bit codes and scales:
+speed and memory do not depend on the values. Targets (issue #4, ratios in the same run): GEMM >=
+1.3x cuBLAS BF16 at the large shapes; forward <= 0.75x BF16 eager and <= 0.55x NF4; weights <= 1/3.5
+of BF16. Each target line says whether it was met and by how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+GEMM_SHAPES = [(4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4096, 15360, 3072)]
+SMOKE_GEMM_SHAPES = [(48, 256, 128), (48, 128, 256)]
+FLUX_DEV = dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+                in_channels=64, patch_size=1)
+QWEN_IMAGE = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                  in_channels=64, out_channels=16, patch_size=2, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+SMOKE_FLUX = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+                  joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 28, 28))
+SMOKE_QWEN = dict(QWEN_IMAGE, num_layers=1, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                  axes_dims_rope=(8, 28, 28))
+
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() over iters runs (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def random_svdq(n: int, k: int, rank: int, unsigned: bool, device, dtype):
+    from pipeline.quantization.layers import SVDQW4A4Linear
+    from pipeline.quantization.numerics import GELU_SHIFT
+
+    g = torch.Generator(device=device).manual_seed(n * 7 + k)
+    return SVDQW4A4Linear(
+        precision="int4",
+        qweight=torch.randint(-8, 8, (n, k), generator=g, device=device, dtype=torch.int8),
+        wscales=(torch.rand(n, k // 64, generator=g, device=device) * 0.01 + 1e-3).to(dtype),
+        smooth=(torch.rand(k, generator=g, device=device) + 0.5).to(dtype),
+        proj_down=(torch.randn(k, rank, generator=g, device=device) * 0.02).to(dtype),
+        proj_up=(torch.randn(n, rank, generator=g, device=device) * 0.02).to(dtype),
+        bias=torch.zeros(n, device=device, dtype=dtype), act_unsigned=unsigned,
+        act_shift=GELU_SHIFT if unsigned else 0.0)
+
+
+# ---------- GEMM ----------
+
+def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
+    from pipeline.kernels.dispatch import kernel_mode
+
+    rows = []
+    for m, k, n in shapes:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+        flop = 2 * m * n * k
+        row = {"M": m, "K": k, "N": n}
+        row["bf16_ms"] = timed(lambda: x @ w.T, device, iters)
+        if device.type == "cuda" and hasattr(torch, "_scaled_mm"):
+            xf, wf = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            one = torch.ones((), device=device)
+            row["fp8_ms"] = timed(lambda: torch._scaled_mm(xf, wf.t(), scale_a=one, scale_b=one, out_dtype=dtype),
+                                  device, iters)
+        layer = random_svdq(n, k, 32, False, device, dtype)
+        mode = kernel_mode(device, "int4")
+        row["kernel"] = mode
+        if mode != "reference":
+            from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
+
+            codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False)
+            use_fp8 = mode == "fp8"
+            row["w4a4_gemm_ms"] = timed(lambda: w4a4_gemm(codes, scales, layer.qweight, layer.wscales, low,
+                                                          layer.proj_up, layer.bias, dtype, use_fp8), device, iters)
+            row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False), device, iters)
+        row["layer_ms"] = timed(lambda: layer(x), device, iters)
+        for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
+            if f"{key}_ms" in row:
+                row[f"{key}_tflops"] = flop / (row[f"{key}_ms"] * 1e-3) / 1e12
+        if "w4a4_gemm_ms" in row:
+            row["gemm_vs_bf16"] = row["bf16_ms"] / row["w4a4_gemm_ms"]
+            row["layer_vs_bf16"] = row["bf16_ms"] / row["layer_ms"]
+        rows.append(row)
+        del x, w, layer
+        _free(device)
+    return rows
+
+
+# ---------- whole transformers ----------
+
+def build_transformer(family: str, config: dict, device, dtype):
+    """Random-weight transformer on the device. The repeated blocks (nearly all the weights) are made on
+    the meta device and filled in place; the rest is built normally, since the rotary embeddings keep
+    non-persistent buffers that meta init would lose."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    cls = FluxTransformer2DModel if family == "flux" else QwenImageTransformer2DModel
+    small = dict(config, num_layers=1, **({"num_single_layers": 1} if family == "flux" else {}))
+    with torch.device(device):
+        model = cls(**small).to(dtype)
+    with torch.device("meta"):
+        full = cls(**config)
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        if hasattr(full, name):
+            blocks = getattr(full, name).to_empty(device=device).to(dtype)
+            with torch.no_grad():
+                for p in blocks.parameters():
+                    p.normal_(0.0, 0.02)
+            setattr(model, name, blocks)
+    return model.eval()
+
+
+def transformer_inputs(family: str, config: dict, tokens: int, text_tokens: int, device, dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    hid = torch.randn(1, tokens, config["in_channels"], generator=g, device=device, dtype=dtype)
+    txt = torch.randn(1, text_tokens, config["joint_attention_dim"], generator=g, device=device, dtype=dtype)
+    t = torch.tensor([0.5], device=device, dtype=dtype)
+    side = int(tokens**0.5)
+    if family == "flux":
+        ids = torch.zeros(tokens, 3, device=device)
+        ids[:, 1] = torch.arange(tokens, device=device) // side
+        ids[:, 2] = torch.arange(tokens, device=device) % side
+        kw = dict(hidden_states=hid, encoder_hidden_states=txt, timestep=t, img_ids=ids,
+                  txt_ids=torch.zeros(text_tokens, 3, device=device),
+                  pooled_projections=torch.randn(1, config["pooled_projection_dim"], generator=g, device=device, dtype=dtype))
+        if config.get("guidance_embeds"):
+            kw["guidance"] = torch.tensor([3.5], device=device, dtype=dtype)
+        return kw
+    return dict(hidden_states=hid, encoder_hidden_states=txt, timestep=t,
+                encoder_hidden_states_mask=torch.ones(1, text_tokens, device=device, dtype=dtype),
+                img_shapes=[(1, side, side)])
+
+
+def quantize_random_(model, rank: int, device, dtype) -> int:
+    from pipeline.quantization.targets import targets_for
+    from pipeline.quantization.transform import get_module, install
+
+    pending: dict = {}
+    targets = [t for t in targets_for(model) if t.kind == "w4a4"]
+    for t in targets:
+        mods = [get_module(model, p) for p in t.parts]
+        n = sum(m.out_features for m in mods)
+        k = (t.cols[1] - t.cols[0]) if t.cols else mods[0].in_features
+        install(model, t, random_svdq(n, k, rank, t.after_gelu, device, dtype), pending)
+    return len(targets)
+
+
+def nf4_(model, dtype) -> int:
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and "blocks" in f"{name}.{child_name}":
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, child_name, q.to(child.weight.device))
+                count += 1
+    return count
+
+
+def weight_bytes(model) -> int:
+    from pipeline.quantization.apply import module_bytes
+
+    return module_bytes(model)
+
+
+def bench_transformer(family: str, config: dict, device, dtype, tokens: int, text_tokens: int, iters: int,
+                      compile_: bool, variants: list[str]) -> list[dict]:
+    rows = []
+    for variant in variants:
+        _free(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model = build_transformer(family, config, device, dtype)
+        if variant == "nf4":
+            try:
+                nf4_(model, dtype)
+            except ImportError as e:
+                rows.append({"variant": variant, "skipped": f"bitsandbytes not importable: {e}"})
+                continue
+        elif variant.startswith("int4_r"):
+            quantize_random_(model, int(variant.removeprefix("int4_r")), device, dtype)
+        _free(device)
+        kw = transformer_inputs(family, config, tokens, text_tokens, device, dtype)
+        modes = [("eager", model)]
+        if compile_:
+            modes.append(("compiled", torch.compile(model)))
+        for mode, fn in modes:
+            with torch.inference_mode():
+                ms = timed(lambda: fn(**kw), device, iters, warmup=2)
+            row = {"model": family, "variant": variant, "mode": mode, "ms_per_forward": ms,
+                   "weight_bytes": weight_bytes(model)}
+            if device.type == "cuda":
+                row["peak_bytes"] = torch.cuda.max_memory_allocated()
+            rows.append(row)
+        del model, modes, kw
+        _free(device)
+    return rows
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------- report ----------
+
+def targets(gemm: list[dict], forwards: list[dict]) -> list[dict]:
+    out = []
+    large = [r for r in gemm if min(r["K"], r["N"]) >= 3072 and max(r["K"], r["N"]) >= 12288 and "gemm_vs_bf16" in r]
+    if large:
+        worst = min(r["gemm_vs_bf16"] for r in large)
+        out.append({"target": "W4A4 GEMM >= 1.3x cuBLAS BF16 (large shapes, worst)", "value": worst, "goal": 1.3,
+                    "met": worst >= 1.3})
+    by = {(r["model"], r["variant"], r["mode"]): r for r in forwards if "ms_per_forward" in r}
+    for model in sorted({k[0] for k in by}):
+        bf16 = by.get((model, "bf16", "eager"))
+        nf4 = by.get((model, "nf4", "eager"))
+        for (m, variant, mode), r in sorted(by.items()):
+            if m != model or not variant.startswith("int4"):
+                continue
+            if bf16:
+                v = r["ms_per_forward"] / bf16["ms_per_forward"]
+                out.append({"target": f"{model} {variant} {mode} forward <= 0.75x BF16 eager", "value": v,
+                            "goal": 0.75, "met": v <= 0.75})
+                w = r["weight_bytes"] / bf16["weight_bytes"]
+                out.append({"target": f"{model} {variant} weights <= 1/3.5 of BF16", "value": w,
+                            "goal": 1 / 3.5, "met": w <= 1 / 3.5})
+            if nf4:
+                v = r["ms_per_forward"] / nf4["ms_per_forward"]
+                out.append({"target": f"{model} {variant} {mode} forward <= 0.55x NF4 eager", "value": v,
+                            "goal": 0.55, "met": v <= 0.55})
+    return out
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result["gemm"]:
+        t = Table(title=f"GEMM TFLOP/s on {result['device']}")
+        for c in ("M×K×N", "bf16", "fp8", "ours gemm", "ours layer", "gemm/bf16", "kernel"):
+            t.add_column(c, justify="right")
+        for r in result["gemm"]:
+            t.add_row(f"{r['M']}×{r['K']}×{r['N']}", *(f"{r[k]:.1f}" if k in r else "-" for k in
+                      ("bf16_tflops", "fp8_tflops", "w4a4_gemm_tflops", "layer_tflops")),
+                      f"{r['gemm_vs_bf16']:.2f}x" if "gemm_vs_bf16" in r else "-", r["kernel"])
+        console.print(t)
+    if result["transformers"]:
+        t = Table(title="Transformer forward (batch 1)")
+        for c in ("model", "variant", "mode", "ms", "weights GiB", "peak GiB"):
+            t.add_column(c, justify="left" if c in ("model", "variant", "mode") else "right")
+        for r in result["transformers"]:
+            if "skipped" in r:
+                t.add_row(r.get("model", ""), r["variant"], "skipped", r["skipped"][:40], "", "")
+                continue
+            t.add_row(r["model"], r["variant"], r["mode"], f"{r['ms_per_forward']:.1f}",
+                      f"{r['weight_bytes'] / 2**30:.2f}", f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else "-")
+        console.print(t)
+    for tg in result["targets"]:
+        verdict = "met" if tg["met"] else f"MISSED by {abs(tg['value'] - tg['goal']) / tg['goal'] * 100:.0f}%"
+        console.print(f"target: {tg['target']}: {tg['value']:.3f} (goal {tg['goal']:.3f}) {verdict}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="W4A4 kernels and transformers vs BF16 / FP8 / NF4")
+    ap.add_argument("--only", choices=["gemm", "flux", "qwen"], action="append")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU to check the script")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--variants", default="bf16,nf4,int4_r32,int4_r128")
+    ap.add_argument("--out", default="outputs/bench/gpu.json")
+    args = ap.parse_args()
+    parts = args.only or ["gemm", "flux", "qwen"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("gpu_bench needs CUDA (this machine has none); use --smoke to check the script on CPU")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    iters = 1 if args.smoke else args.iters
+    variants = args.variants.split(",")
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
+              "torch": torch.__version__, "smoke": args.smoke, "dtype": str(dtype), "gemm": [], "transformers": []}
+    if "gemm" in parts:
+        result["gemm"] = bench_gemm(device, dtype, SMOKE_GEMM_SHAPES if args.smoke else GEMM_SHAPES, iters)
+    tok, txt = (64, 16) if args.smoke else (4096, 512)
+    if "flux" in parts:
+        result["transformers"] += bench_transformer("flux", SMOKE_FLUX if args.smoke else FLUX_DEV, device, dtype,
+                                                    tok, txt, iters, not args.no_compile and not args.smoke, variants)
+    if "qwen" in parts:
+        result["transformers"] += bench_transformer("qwen-image", SMOKE_QWEN if args.smoke else QWEN_IMAGE, device,
+                                                    dtype, tok, 256 if not args.smoke else txt, iters,
+                                                    not args.no_compile and not args.smoke, variants)
+    result["targets"] = targets(result["gemm"], result["transformers"])
+    print_tables(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
