@@ -100,6 +100,24 @@ def test_every_packing_round_trips_exactly(precision):
     assert pk.interleave_rows(torch.arange(12.0), 3).tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
 
 
+def test_codes_two_per_byte_round_trip_and_weigh_a_quarter_of_bf16():
+    codes = torch.tensor([[-8, 7, -1, 0, 3, -4], [1, 2, 3, 4, 5, 6]], dtype=torch.int8)
+    packed = nx.pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed[0].tolist() == [0x78, 0x0F, 0xC3]  # low nibble = even code
+    assert torch.equal(nx.unpack_nibbles(packed, signed=True), codes)
+    e2m1 = torch.arange(16, dtype=torch.uint8).repeat(2)
+    assert torch.equal(nx.unpack_nibbles(nx.pack_nibbles(e2m1), signed=False), e2m1)
+    with pytest.raises(ValueError, match="count must be even"):
+        nx.pack_nibbles(codes[:, :5])
+    from pipeline.quantization.apply import module_bytes
+
+    w, b, x = outlier_layer(k=256, n=128, m=64)
+    layer, _ = svdquant_linear(w, b, ActStats(x.abs().amax(0), x), precision="int4", rank=0, alphas=(0.5,))
+    dense = torch.nn.Linear(256, 128).to(torch.bfloat16)
+    # codes 0.5 byte + bf16 scale per 64 (1/32 byte) + smooth and bias: just over a quarter of bf16
+    assert 0.25 < module_bytes(layer) / module_bytes(dense) < 0.28
+
+
 def outlier_layer(seed=0, k=512, n=512, m=384):
     """Activations with 8 channels 20-100x the rest; a weight with a few dominant directions."""
     g = torch.Generator().manual_seed(seed)

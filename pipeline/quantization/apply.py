@@ -50,16 +50,13 @@ class QuantSummary:
 
 
 def module_bytes(module: nn.Module) -> int:
-    """Bytes of parameters and buffers as they would be stored: 4-bit codes count half a byte each."""
-    from pipeline.quantization.layers import AWQW4A16Linear, SVDQW4A4Linear
-
-    codes = {id(m.qweight) for m in module.modules() if isinstance(m, (SVDQW4A4Linear, AWQW4A16Linear))}
+    """Bytes the module's parameters and buffers hold (4-bit codes are held two per byte)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         if t.data_ptr() in seen:
             continue  # fused parts share their input-side tensors
         seen.add(t.data_ptr())
-        total += t.numel() // 2 if id(t) in codes else t.numel() * t.element_size()
+        total += t.numel() * t.element_size()
     return total
 
 

@@ -1,7 +1,8 @@
 """Quantized replacements for nn.Linear: the SVDQuant W4A4 layer, AWQ W4A16, and a split-input pair.
 
-These hold tensors in their logical (unpacked) layout with the checkpoint's dtypes; `packing.py`
-converts to and from Nunchaku's on-disk tile order. Forward passes are the exact reference of
+These hold tensors in their logical layout with the checkpoint's dtypes, except the 4-bit weight
+codes, which sit two per byte (numerics.pack_nibbles) as the kernels read them;
+`packing.py` converts to and from Nunchaku's on-disk tile order. Forward passes are the exact reference of
 what the kernels compute (see numerics.py), in PyTorch, on any device.
 """
 
@@ -21,6 +22,7 @@ class SVDQW4A4Linear(nn.Module):
     A fused projection (q, k, v share one input) is quantized once and held as several parts: each
     part owns its rows of the output-side tensors and shares the input-side ones (smooth, proj_down),
     so its output equals the fused layer's rows. `ckpt_name` and `rows` say where it sits in the file.
+    `qweight` is given as logical codes (N, K) and held packed, two per byte, in `packed_codes`.
     """
 
     def __init__(self, *, precision: str, qweight, wscales, smooth, proj_down, proj_up, bias=None,
@@ -34,7 +36,7 @@ class SVDQW4A4Linear(nn.Module):
         self.act_shift = act_shift
         self.ckpt_name = ckpt_name
         self.rows = rows or (0, self.out_features)
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("packed_codes", nx.pack_nibbles(qweight))
         self.register_buffer("wscales", wscales)
         self.register_buffer("smooth", smooth)
         self.register_buffer("smooth_orig", smooth if smooth_orig is None else smooth_orig)
@@ -43,6 +45,11 @@ class SVDQW4A4Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("wtscale", wtscale)
         self.register_buffer("wcscales", wcscales)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The logical weight codes (N, K): int8 in [-8, 7] (INT4) or uint8 E2M1 codes (NVFP4)."""
+        return nx.unpack_nibbles(self.packed_codes, signed=self.precision == "int4")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.precision}, rank={self.rank}, "
@@ -55,8 +62,9 @@ class SVDQW4A4Linear(nn.Module):
         if mode != "reference":
             from pipeline.kernels.ops import w4a4_linear
 
-            y = w4a4_linear(x.reshape(-1, self.in_features), self.qweight, self.wscales, self.smooth, self.proj_down,
-                            self.proj_up, self.bias, float(self.act_shift), self.act_unsigned, mode == "fp8")
+            y = w4a4_linear(x.reshape(-1, self.in_features), self.packed_codes, self.wscales, self.smooth,
+                            self.proj_down, self.proj_up, self.bias, self.wtscale, self.wcscales,
+                            float(self.act_shift), self.act_unsigned, mode)
             return y.reshape(*x.shape[:-1], self.out_features)
         return self.reference_forward(x)
 
@@ -87,16 +95,24 @@ class SVDQW4A4Linear(nn.Module):
 
 
 class AWQW4A16Linear(nn.Module):
-    """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (Qwen-Image modulation)."""
+    """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (Qwen-Image modulation).
+
+    Held two codes per byte like the SVDQuant layer; the forward is plain PyTorch (these layers are few and
+    small: the modulation of each block)."""
 
     def __init__(self, *, qweight, wscales, wzeros, bias, ckpt_name: str = ""):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
         self.ckpt_name = ckpt_name
-        self.register_buffer("qweight", qweight)
+        self.register_buffer("packed_codes", nx.pack_nibbles(qweight))
         self.register_buffer("wscales", wscales)
         self.register_buffer("wzeros", wzeros)
         self.register_buffer("bias", bias)  # fp32, diffusers semantics (no folded +1)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The logical codes (N, K), uint8 in [0, 15]; held two per byte in `packed_codes`."""
+        return nx.unpack_nibbles(self.packed_codes, signed=False)
 
     def weight_fp32(self) -> torch.Tensor:
         g = nx.INT4_GROUP

@@ -93,6 +93,28 @@ def quantize_nvfp4_act(x: torch.Tensor):
     return codes.reshape(x.shape), scales
 
 
+# ---------- two codes per byte (how layers hold codes in memory) ----------
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (..., K) -> uint8 (..., K/2): byte j = code 2j (low nibble) | code 2j+1 (high nibble).
+
+    Signed INT4 codes are stored as two's-complement nibbles, E2M1 codes as they are. Half the bytes of
+    one code per int8, which is what makes a W4 layer a quarter of BF16 in memory and in bandwidth.
+    """
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack {codes.shape[-1]} codes two per byte: the count must be even")
+    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    return nib[..., 0::2] | (nib[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of pack_nibbles: int8 codes in [-8, 7] if signed, else uint8 in [0, 15]."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    if signed:
+        return (codes.to(torch.int16) - ((codes >= 8).to(torch.int16) << 4)).to(torch.int8)
+    return codes
+
+
 # ---------- shared ----------
 
 def decode(codes: torch.Tensor, precision: str) -> torch.Tensor:
