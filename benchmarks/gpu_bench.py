@@ -3,12 +3,16 @@
     python benchmarks/gpu_bench.py                    # everything (make bench-gpu); needs CUDA
     python benchmarks/gpu_bench.py --only gemm        # piecewise: gemm | flux | qwen
     python benchmarks/gpu_bench.py --smoke            # toy sizes on CPU: checks the script, timings meaningless
+    python benchmarks/gpu_bench.py --report a.json b.json --out docs/benchmarks.json --markdown docs/benchmarks.md
+                                                      # merge piecewise runs; targets recomputed over all rows
 
 Prints tables and writes JSON (default outputs/bench/gpu.json). Transformers are built from their
 configs with random weights (no download); quantized layers get random 4-bit codes and scales:
 speed and memory do not depend on the values. Targets (issue #4, ratios in the same run): GEMM >=
 1.3x cuBLAS BF16 at the large shapes; forward <= 0.75x BF16 eager and <= 0.55x NF4; weights <= 1/3.5
-of BF16. Each target line says whether it was met and by how much.
+of BF16. Each target line says whether it was met and by how much. `--profile` adds the top CUDA
+kernels of one INT4 forward (what limits it). On a lent GPU machine, benchmarks/device_run.sh runs
+the GPU tests and these parts, one call each.
 """
 
 from __future__ import annotations
@@ -97,9 +101,8 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
             from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
 
             codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False)
-            use_fp8 = mode == "fp8"
-            row["w4a4_gemm_ms"] = timed(lambda: w4a4_gemm(codes, scales, layer.qweight, layer.wscales, low,
-                                                          layer.proj_up, layer.bias, dtype, use_fp8), device, iters)
+            row["w4a4_gemm_ms"] = timed(lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low,
+                                                          layer.proj_up, layer.bias, dtype, mode), device, iters)
             row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False), device, iters)
         row["layer_ms"] = timed(lambda: layer(x), device, iters)
         for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
@@ -191,33 +194,62 @@ def nf4_(model, dtype) -> int:
 
 
 def weight_bytes(model) -> int:
+    """Parameters and buffers as held in memory, plus NF4's quantization state (absmax), which is neither."""
     from pipeline.quantization.apply import module_bytes
 
-    return module_bytes(model)
+    total = module_bytes(model)
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        while state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            state = getattr(state, "state2", None)
+    return total
+
+
+def profile_forward(model, kw, device, top: int = 25) -> list[dict]:
+    """The kernels one forward spends its GPU time in, largest first (CPU: operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), profile(activities=acts) as prof:
+        model(**kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"  # self times: nothing counted twice
+    events = [e for e in prof.key_averages()
+              if not cuda or e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    rows = []
+    for e in events[:top]:
+        us = getattr(e, attr)
+        rows.append({"name": e.key[:90], "calls": e.count, "ms": us / 1e3, "share": us / total})
+    return rows
 
 
 def bench_transformer(family: str, config: dict, device, dtype, tokens: int, text_tokens: int, iters: int,
-                      compile_: bool, variants: list[str]) -> list[dict]:
+                      compile_: set[str], variants: list[str], profile: bool = False) -> list[dict]:
     rows = []
     for variant in variants:
         _free(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         model = build_transformer(family, config, device, dtype)
         if variant == "nf4":
             try:
                 nf4_(model, dtype)
             except ImportError as e:
-                rows.append({"variant": variant, "skipped": f"bitsandbytes not importable: {e}"})
+                rows.append({"model": family, "variant": variant, "skipped": f"bitsandbytes not importable: {e}"})
                 continue
         elif variant.startswith("int4_r"):
             quantize_random_(model, int(variant.removeprefix("int4_r")), device, dtype)
         _free(device)
         kw = transformer_inputs(family, config, tokens, text_tokens, device, dtype)
         modes = [("eager", model)]
-        if compile_:
+        if variant in compile_:
             modes.append(("compiled", torch.compile(model)))
         for mode, fn in modes:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()  # weights + one forward's activations, not the build
             with torch.inference_mode():
                 ms = timed(lambda: fn(**kw), device, iters, warmup=2)
             row = {"model": family, "variant": variant, "mode": mode, "ms_per_forward": ms,
@@ -225,6 +257,10 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
             if device.type == "cuda":
                 row["peak_bytes"] = torch.cuda.max_memory_allocated()
             rows.append(row)
+        first_int4 = variant.startswith("int4") and not any("profile" in r for r in rows if r["variant"] != "bf16")
+        if profile and (variant == "bf16" or first_int4):
+            eager = next(r for r in rows if r["variant"] == variant and r["mode"] == "eager")
+            eager["profile"] = profile_forward(model, kw, device)
         del model, modes, kw
         _free(device)
     return rows
@@ -292,8 +328,77 @@ def print_tables(result: dict) -> None:
                       f"{r['weight_bytes'] / 2**30:.2f}", f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else "-")
         console.print(t)
     for tg in result["targets"]:
-        verdict = "met" if tg["met"] else f"MISSED by {abs(tg['value'] - tg['goal']) / tg['goal'] * 100:.0f}%"
-        console.print(f"target: {tg['target']}: {tg['value']:.3f} (goal {tg['goal']:.3f}) {verdict}")
+        console.print(f"target: {tg['target']}: {tg['value']:.3f} (goal {tg['goal']:.3f}) {_verdict(tg)}")
+
+
+def markdown(result: dict) -> str:
+    """The same tables as print_tables, as Markdown (docs/benchmarks.md)."""
+    lines = [f"# GPU benchmark: {result['device']}", "",
+             f"torch {result['torch']}, {result['dtype']}; written by `benchmarks/gpu_bench.py` "
+             f"(JSON beside this file). Ratios are measured in the same run.", ""]
+    if result["gemm"]:
+        lines += ["## GEMM (TFLOP/s)", "", "| M×K×N | cuBLAS BF16 | cuBLAS FP8 | ours W4A4 GEMM | ours layer "
+                  "(act quant + GEMM) | GEMM / BF16 | kernel |", "|---|---:|---:|---:|---:|---:|---|"]
+        for r in result["gemm"]:
+            cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("bf16_tflops", "fp8_tflops", "w4a4_gemm_tflops",
+                                                                  "layer_tflops")]
+            ratio = f"{r['gemm_vs_bf16']:.2f}×" if "gemm_vs_bf16" in r else "-"
+            lines.append(f"| {r['M']}×{r['K']}×{r['N']} | " + " | ".join(cells) + f" | {ratio} | {r['kernel']} |")
+        lines.append("")
+    if result["transformers"]:
+        lines += ["## Transformer forward, batch 1", "", "| model | variant | mode | ms | weights GiB | peak GiB |",
+                  "|---|---|---|---:|---:|---:|"]
+        for r in result["transformers"]:
+            if "skipped" in r:
+                lines.append(f"| {r.get('model', '')} | {r['variant']} | skipped | {r['skipped']} | | |")
+                continue
+            peak = f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else "-"
+            lines.append(f"| {r['model']} | {r['variant']} | {r['mode']} | {r['ms_per_forward']:.1f} | "
+                         f"{r['weight_bytes'] / 2**30:.2f} | {peak} |")
+        lines.append("")
+    if result["targets"]:
+        lines += ["## Targets (issue #4)", "", "| target | value | goal | verdict |", "|---|---:|---:|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['target']} | {t['value']:.3f} | {t['goal']:.3f} | {_verdict(t)} |")
+        lines.append("")
+    for r in result["transformers"]:
+        if r.get("profile"):
+            lines += [f"## Profile: {r['model']} {r['variant']} eager, one forward", "",
+                      "| kernel | calls | ms | share |", "|---|---:|---:|---:|"]
+            lines += [f"| `{p['name']}` | {p['calls']} | {p['ms']:.2f} | {p['share'] * 100:.1f}% |" for p in r["profile"]]
+            lines.append("")
+    if result.get("autotune"):
+        lines += ["## Autotuner's choices", ""] + [f"- `{k}`: `{v}`" for k, v in result["autotune"].items()] + [""]
+    return "\n".join(lines)
+
+
+def _verdict(t: dict) -> str:
+    return "met" if t["met"] else f"MISSED by {abs(t['value'] - t['goal']) / t['goal'] * 100:.0f}%"
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from piecewise runs (e.g. one device call per part); targets over all their rows."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {p["device"] for p in parts}
+    if len(devices) > 1:
+        raise SystemExit(f"refusing to merge runs from different devices: {sorted(devices)}")
+    result = {k: parts[0][k] for k in ("device", "torch", "smoke", "dtype")}
+    result["gemm"] = [r for p in parts for r in p["gemm"]]
+    result["transformers"] = [r for p in parts for r in p["transformers"]]
+    result["autotune"] = {k: v for p in parts for k, v in p.get("autotune", {}).items()}
+    result["merged_from"] = [str(p) for p in paths]
+    result["targets"] = targets(result["gemm"], result["transformers"])
+    return result
+
+
+def write(result: dict, out: Path, md: str | None) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    if md:
+        Path(md).parent.mkdir(parents=True, exist_ok=True)
+        Path(md).write_text(markdown(result))
+        print(f"wrote {md}")
 
 
 def main() -> None:
@@ -302,9 +407,19 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="toy sizes; runs on CPU to check the script")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="top kernels of one BF16 and one INT4 forward")
     ap.add_argument("--variants", default="bf16,nf4,int4_r32,int4_r128")
+    ap.add_argument("--compile-variants", default="bf16,int4_r32",
+                    help="variants also timed under torch.compile (each compile of a full model takes minutes)")
     ap.add_argument("--out", default="outputs/bench/gpu.json")
+    ap.add_argument("--markdown", help="also write the tables as Markdown here")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="merge these runs' JSON instead of measuring")
     args = ap.parse_args()
+    if args.report:
+        result = merge(args.report)
+        print_tables(result)
+        write(result, Path(args.out), args.markdown)
+        return
     parts = args.only or ["gemm", "flux", "qwen"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -317,19 +432,21 @@ def main() -> None:
     if "gemm" in parts:
         result["gemm"] = bench_gemm(device, dtype, SMOKE_GEMM_SHAPES if args.smoke else GEMM_SHAPES, iters)
     tok, txt = (64, 16) if args.smoke else (4096, 512)
+    compile_ = set() if args.no_compile or args.smoke else set(args.compile_variants.split(","))
     if "flux" in parts:
         result["transformers"] += bench_transformer("flux", SMOKE_FLUX if args.smoke else FLUX_DEV, device, dtype,
-                                                    tok, txt, iters, not args.no_compile and not args.smoke, variants)
+                                                    tok, txt, iters, compile_, variants, args.profile)
     if "qwen" in parts:
         result["transformers"] += bench_transformer("qwen-image", SMOKE_QWEN if args.smoke else QWEN_IMAGE, device,
-                                                    dtype, tok, 256 if not args.smoke else txt, iters,
-                                                    not args.no_compile and not args.smoke, variants)
+                                                    dtype, tok, 256 if not args.smoke else txt, iters, compile_,
+                                                    variants, args.profile)
+    if device.type == "cuda":
+        from pipeline.kernels.triton_w4a4 import best_configs
+
+        result["autotune"] = best_configs()
     result["targets"] = targets(result["gemm"], result["transformers"])
     print_tables(result)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    write(result, Path(args.out), args.markdown)
 
 
 if __name__ == "__main__":

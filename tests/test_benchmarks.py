@@ -32,6 +32,34 @@ def test_gpu_benchmark_smoke_mode_writes_json_with_targets(tmp_path):
     assert "target: flux int4_r32 weights" in r.stdout and "Transformer forward" in r.stdout
 
 
+def test_gpu_benchmark_times_our_kernels_and_merges_piecewise_runs_into_markdown(tmp_path):
+    """The GEMM part through Triton's interpreter (the kernels' code path, not the reference), then --report."""
+    import os
+
+    gemm, flux = tmp_path / "gemm.json", tmp_path / "flux.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", SVDQ_KERNELS="triton")
+    r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--only", "gemm", "--out", str(gemm)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(gemm.read_text())["gemm"]
+    assert all(row["kernel"] == "fp8" and row["w4a4_gemm_ms"] > 0 and row["gemm_vs_bf16"] > 0 for row in rows)
+    r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--only", "flux", "--variants",
+                        "bf16,int4_r32", "--profile", "--out", str(flux)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    merged, md = tmp_path / "all.json", tmp_path / "all.md"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--report", str(gemm), str(flux), "--out",
+                        str(merged), "--markdown", str(md)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(merged.read_text())
+    assert len(result["gemm"]) == 2 and len(result["transformers"]) == 2 and result["merged_from"]
+    assert {t["target"] for t in result["targets"]} >= {"flux int4_r32 eager forward <= 0.75x BF16 eager"}
+    assert all(row["profile"] and sum(p["share"] for p in row["profile"]) <= 1.0 + 1e-6
+               for row in result["transformers"])
+    text = md.read_text()
+    assert "| 48×256×128 |" in text and "## Targets (issue #4)" in text and "## Profile: flux int4_r32 eager" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_gpu_benchmark_refuses_to_time_without_cuda_unless_smoke():
     r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--only", "gemm"], cwd=ROOT, capture_output=True,

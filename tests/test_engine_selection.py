@@ -149,9 +149,10 @@ def test_device_policy_warns_or_fails_under_strict(fake_gpu, cc, name, precision
 
     device = fake_gpu(cc, name)
     notes = hardware_notes(precision, device, strict=False)
-    expected = describe(device, precision)  # Triton kernels for INT4 on sm_75+ where triton is installed
+    expected = describe(device, precision)  # Triton: INT4 on sm_75+, NVFP4 (emulated) on sm_80+
     assert notes[-1] == f"{precision} layers run through the {expected} on {name}"
-    assert ("Triton" in expected) == (precision == "int4" and cc >= (7, 5) and _has_triton())
+    assert ("Triton" in expected) == (cc >= ((7, 5) if precision == "int4" else (8, 0)) and _has_triton())
+    assert ("emulated" in expected) == (precision == "nvfp4" and "Triton" in expected)
     if problem:
         assert any(problem in n for n in notes)
         with pytest.raises(DeviceError, match="unset quantization.strict"):

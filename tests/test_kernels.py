@@ -1,7 +1,8 @@
 """Triton W4A4 kernels against the PyTorch reference: on CPU through Triton's interpreter, on GPU for real.
 
 The interpreter rounds fp32->bf16 by truncation (GPUs round to nearest even), so CPU checks use
-fp32 and fp16, where both are exact; bf16 is checked on a GPU.
+fp32 and fp16, where both are exact; bf16 is checked on a GPU. On a GPU the same tests run the
+compiled kernels with the autotuner's tiles (the block sizes passed here apply to the interpreter).
 """
 
 from __future__ import annotations
@@ -24,53 +25,101 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 
 
-def make_layer(m, k, n, rank, unsigned, seed=0):
+def make_layer(m, k, n, rank, unsigned, precision="int4", seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     x[:, 3] *= 30  # an outlier channel
     if unsigned:
         x = torch.nn.functional.gelu(x, approximate="tanh")
     w, b = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g)
-    layer, _ = svdquant_linear(w, b, ActStats(x.abs().amax(0), x), precision="int4", rank=rank,
+    layer, _ = svdquant_linear(w, b, ActStats(x.abs().amax(0), x), precision=precision, rank=rank,
                                act_unsigned=unsigned, alphas=(0.5,))
     return layer.to(DEVICE), x.to(DEVICE)
 
 
+# (M, K, N, rank): ragged M and N (not multiples of any tile), rank 0, rank not a power of two.
 SHAPES = [(1, 128, 32, 16), (17, 128, 96, 32), (40, 256, 160, 0), (33, 384, 64, 48)]
+# precision, unsigned activations, dot type
+KINDS = [("int4", False, "fp8"), ("int4", True, "fp8"), ("int4", False, "int8"), ("int4", True, "int8"),
+         ("nvfp4", False, "fp16")]
+
+
+def reference_act(layer, x):
+    shifted = x + layer.act_shift if layer.act_shift else x
+    return shifted, nx.quantize_act(shifted / layer.smooth.to(x.dtype), layer.precision, layer.act_unsigned)
 
 
 @pytest.mark.parametrize("m,k,n,rank", SHAPES)
-@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("precision,unsigned", [("int4", False), ("int4", True), ("nvfp4", False)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_activation_kernel_matches_reference_exactly(m, k, n, rank, unsigned, dtype):
-    layer, x = make_layer(m, k, n, rank, unsigned)
+def test_activation_kernel_matches_reference_exactly(m, k, n, rank, precision, unsigned, dtype):
+    layer, x = make_layer(m, k, n, rank, unsigned, precision)
     x = x.to(dtype)
-    shifted = x + layer.act_shift if layer.act_shift else x
-    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, block_m=16)
-    ref_codes, ref_scales = nx.quantize_act(shifted / layer.smooth.to(dtype), "int4", unsigned)
-    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
+                                      block_m=16)
+    shifted, (ref_codes, ref_scales) = reference_act(layer, x)
+    assert codes.dtype == torch.uint8 and codes.shape == (m, k // 2)  # two codes per byte
+    assert torch.equal(nx.unpack_nibbles(codes, signed=precision == "int4" and not unsigned), ref_codes)
+    assert torch.equal(scales, ref_scales if precision == "int4" else ref_scales.float())
     assert torch.allclose(low, shifted.float() @ layer.proj_down.float(), rtol=1e-5, atol=1e-4)
 
 
+def test_nvfp4_activation_rounding_at_ties_and_subnormal_scales():
+    """E2M1 ties go to the even code, E4M3 scale ties to the even mantissa, tiny scales are subnormal."""
+    row = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -1.75, -5.0, 0.1, -6.0, 4.9, 0.0, 2.9])
+    x = torch.stack([row, row * 1.0625, row * 2**-8, row * 3 * 2**-10, row * 1e4, -row * 1.1875])
+    k = x.shape[1]
+    codes, scales, _ = quantize_act(x, torch.ones(k), torch.zeros(k, 0), 0.0, False, "nvfp4", block_m=16)
+    ref_codes, ref_scales = nx.quantize_nvfp4_act(x)
+    assert torch.equal(scales, ref_scales.float())
+    assert scales[:4, 0].tolist() == [1.0, 1.0, 2**-8, 2**-8] and scales[4, 0] == 448.0
+    assert torch.equal(nx.unpack_nibbles(codes, signed=False), ref_codes)
+    assert nx.e2m1_decode(ref_codes[0]).tolist() == [6, 0, 1, 1, 2, 2, 4, 4, -0.0, -2, -4, 0, -6, 4, 0, 3]
+
+
 @pytest.mark.parametrize("m,k,n,rank", SHAPES)
-@pytest.mark.parametrize("use_fp8", [True, False])
+@pytest.mark.parametrize("precision,unsigned,dot", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gemm_kernel_matches_reference(m, k, n, rank, use_fp8, dtype):
-    layer, x = make_layer(m, k, n, rank, unsigned=True)
+def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, dtype):
+    layer, x = make_layer(m, k, n, rank, unsigned, precision)
     x = x.to(dtype)
-    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, True, block_m=16)
-    y = w4a4_gemm(codes, scales, layer.qweight, layer.wscales, low, layer.proj_up, layer.bias, dtype, use_fp8,
-                  block_m=16, block_n=32)
+    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
+                                      block_m=16)
+    gpi = 2 if (k // nx.group_size(precision)) % 2 == 0 and m > 30 else 1  # odd group counts run GPI=1
+    y = w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias, dtype, dot,
+                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, lag=m % 2 if gpi == 1 else 0,
+                  gpi=gpi)
     ref = layer.reference_forward(x)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # fp32 accumulation order + output rounding
     assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < tol
 
 
-def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monkeypatch):
-    layer, x = make_layer(24, 128, 64, 16, unsigned=False)
+@pytest.mark.parametrize("lag,gpi", [(0, 1), (1, 1), (0, 2)])
+def test_gemm_is_exact_in_fp32_whatever_the_tiles(lag, gpi):
+    """Group products are exact and groups are added in K order: tiles, lag and gpi change no bit in fp32."""
+    layer, x = make_layer(37, 256, 72, 0, False)
+    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, block_m=16)
+    args = (codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, None, torch.float32)
+    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, lag=lag, gpi=gpi)
+    b = w4a4_gemm(*args, "int8", block_m=32, block_n=64)
+    ref = nx.w4a4_matmul(nx.unpack_nibbles(codes, True), scales, layer.qweight, layer.wscales, "int4")
+    if DEVICE.type == "cpu":
+        assert torch.equal(a, b) and torch.equal(a, ref)
+        with pytest.raises(ValueError, match="multiple of it"):
+            w4a4_gemm(*args, "fp8", block_m=16, block_n=16, gpi=3)
+        with pytest.raises(ValueError, match="lag=1 with gpi=1 only"):
+            w4a4_gemm(*args, "fp8", block_m=16, block_n=16, lag=1, gpi=2)
+    else:  # a GPU may fuse the scale multiply-add into one FMA (one rounding instead of two)
+        assert torch.allclose(a, ref, rtol=1e-6, atol=1e-6) and torch.allclose(b, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monkeypatch, precision):
+    layer, x = make_layer(24, 128, 64, 16, unsigned=False, precision=precision)
     if DEVICE.type == "cpu":
         monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    assert kernel_mode(x.device, precision) == ("fp16" if precision == "nvfp4" else kernel_mode(x.device, "int4"))
     assert kernel_mode(x.device, "int4") in ("fp8", "int8")
     y = layer(x.reshape(2, 12, 128))
     assert y.shape == (2, 12, 64)
@@ -81,6 +130,22 @@ def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monke
     assert kernel_mode(x.device, "int4") == "reference" and kernel_mode(x.device, "nvfp4") == "reference"
     explain = torch._dynamo.explain(layer)(x)
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+def test_autotune_candidates_keep_k_order_and_fit_the_group_count():
+    from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
+
+    assert not any(c.kwargs["LAG"] and c.kwargs["GPI"] == 2 for c in GEMM_CONFIGS)
+    odd = _prune(GEMM_CONFIGS, {}, K=192, G=64)  # 3 groups
+    assert odd and all(c.kwargs["GPI"] == 1 for c in odd)
+    assert len(_prune(GEMM_CONFIGS, {}, K=3072, G=64)) == len(GEMM_CONFIGS)
+
+
+def test_layers_hold_weight_codes_two_per_byte():
+    layer, _ = make_layer(8, 256, 96, 16, False)
+    assert layer.packed_codes.dtype == torch.uint8 and layer.packed_codes.shape == (96, 128)
+    assert layer.qweight.shape == (96, 256) and int(layer.qweight.min()) >= -8 and int(layer.qweight.max()) <= 7
+    assert torch.equal(nx.pack_nibbles(layer.qweight), layer.packed_codes)
 
 
 @pytest.mark.gpu

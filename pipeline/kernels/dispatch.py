@@ -1,37 +1,37 @@
-"""Pick how an INT4 SVDQuant layer runs on a device: Triton kernels or the PyTorch reference.
+"""Pick how an SVDQuant layer runs on a device: Triton kernels (and on which tensor cores) or the reference.
 
-Triton INT4 kernels: FP8 (e4m3) tensor cores on compute capability 8.9+ (Ada, Hopper, Blackwell),
-INT8 tensor cores on 7.5-8.6. NVFP4 and anything else run the reference. `SVDQ_KERNELS=reference`
-forces the reference; `SVDQ_KERNELS=triton` forces the kernels (on CPU with TRITON_INTERPRET=1,
-Triton's interpreter runs them: that is how the CPU tests check them).
+INT4: FP8 (e4m3) tensor cores on compute capability 8.9+ (Ada, Hopper, Blackwell), INT8 tensor cores
+on 7.5-8.6. NVFP4: emulated on FP16 tensor cores on 8.0+ (E2M1 values and their group products are
+exact in fp16/fp32); native FP4 tensor cores (Blackwell) are not used yet, and `describe` says so.
+Older GPUs and the CPU run the PyTorch reference. `SVDQ_KERNELS=reference` forces the reference;
+`SVDQ_KERNELS=triton` forces the kernels (on CPU with TRITON_INTERPRET=1 Triton's interpreter runs
+them: that is how the CPU tests check them; SVDQ_KERNEL_DOT picks fp8 or int8 there).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
-
-@functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON = importlib.util.find_spec("triton") is not None  # once, at import: compile-friendly
 
 
 def kernel_mode(device: torch.device, precision: str) -> str:
-    """'fp8' | 'int8' (Triton kernels with that tensor-core type) | 'reference'."""
+    """'fp8' | 'int8' | 'fp16' (the Triton kernels' dot type) or 'reference'."""
     forced = os.environ.get("SVDQ_KERNELS", "auto")
-    if precision != "int4" or forced == "reference" or not triton_importable():
+    if forced == "reference" or not _TRITON:
         return "reference"
     if device.type == "cuda":
         cc = torch.cuda.get_device_capability(device)
+        if precision == "nvfp4":
+            return "fp16" if cc >= (8, 0) else "reference"
         if cc >= (8, 9):
             return "fp8"
         return "int8" if cc >= (7, 5) else "reference"
     if forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        return os.environ.get("SVDQ_KERNEL_DOT", "fp8")
+        return "fp16" if precision == "nvfp4" else os.environ.get("SVDQ_KERNEL_DOT", "fp8")
     return "reference"
 
 
@@ -39,4 +39,6 @@ def describe(device: torch.device, precision: str) -> str:
     mode = kernel_mode(device, precision)
     if mode == "reference":
         return "PyTorch reference"
+    if mode == "fp16":
+        return "Triton W4A4 kernels, NVFP4 emulated on FP16 tensor cores (no native FP4 path yet)"
     return f"Triton W4A4 kernels on {mode.upper()} tensor cores"

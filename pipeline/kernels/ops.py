@@ -8,16 +8,22 @@ import torch
 
 
 @torch.library.custom_op("svdq::w4a4_linear", mutates_args=())
-def w4a4_linear(x: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
-                proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], shift: float,
-                unsigned: bool, use_fp8: bool) -> torch.Tensor:
-    """x (M, K) -> (M, N) in x's dtype; INT4 SVDQuant layer via the two Triton kernels."""
+def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
+                proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor],
+                wtscale: Optional[torch.Tensor], wcscales: Optional[torch.Tensor], shift: float, unsigned: bool,
+                dot: str) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype: an SVDQuant layer via the two Triton kernels.
+
+    dot "fp8" | "int8" runs INT4, "fp16" runs NVFP4 (emulated); see pipeline/kernels/dispatch.py.
+    """
     from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
 
-    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned)
-    return w4a4_gemm(codes, scales, qweight, wscales, low, proj_up, bias, x.dtype, use_fp8)
+    precision = "nvfp4" if dot == "fp16" else "int4"
+    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision)
+    return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
+                     wcscales)
 
 
 @w4a4_linear.register_fake
-def _(x, qweight, wscales, smooth, proj_down, proj_up, bias, shift, unsigned, use_fp8):
-    return x.new_empty(x.shape[0], qweight.shape[0])
+def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned, dot):
+    return x.new_empty(x.shape[0], packed_codes.shape[0])

@@ -1,26 +1,38 @@
-"""Triton kernels for the INT4 SVDQuant layer: fused activation quantization and the W4A4 GEMM.
+"""Triton kernels for the SVDQuant W4A4 layer: fused activation quantization and the W4A4 GEMM.
 
-1. `quantize_act`: one pass over x computes x̂ = (x + shift) / smooth, per-token 64-group scales
-   and codes (signed or unsigned), and the low-rank down projection x·proj_down (fp32).
-2. `w4a4_gemm`: per 64-wide K group, an exact 4-bit dot product on tensor cores (FP8 e4m3 on
-   Hopper and newer: every INT4 code is exact in e4m3; INT8 on Ampere/Ada), scaled by s_a·s_w and
-   accumulated in fp32 in K order, like the reference; the epilogue adds bias and the low-rank up
-   projection and writes the output dtype.
+1. `quantize_act`: one pass over x computes x̂ = (x + shift) / smooth, per-token group scales and
+   4-bit codes (INT4 signed or unsigned, 64-groups; or NVFP4: E2M1 codes, 16-groups, E4M3 scales),
+   written two per byte, and the low-rank down projection x·proj_down (fp32).
+2. `w4a4_gemm`: per K group, an exact 4-bit dot product on tensor cores, scaled by s_a·s_w and
+   accumulated in fp32 in K order, like the reference; the epilogue applies NVFP4's weight tensor and
+   channel scales, adds bias and the low-rank up projection, and writes the output dtype.
+   Dot types: "fp8" (e4m3; every INT4 code is exact in it; Ada/Hopper/Blackwell), "int8"
+   (Turing/Ampere), "fp16" (NVFP4 emulation: E2M1 values are exact in fp16; no native FP4 is used).
 
-Both match pipeline/quantization/numerics.py up to fp32 rounding of the scale multiply-adds.
+Codes are packed as numerics.pack_nibbles does (byte j = codes 2j, 2j+1). INT4 groups are split
+into their even and odd codes, two chained K=32 dots with no shuffle; NVFP4 groups (16 codes) are
+re-interleaved with join/reshape, since a K=8 dot does not exist.
+
+Both kernels match pipeline/quantization/numerics.py up to fp32 rounding of the scale multiply-adds.
 K and R are compile-time constants (a model has few distinct values; it also keeps Triton's CPU
 interpreter working with NumPy 2.4, which refuses int() of the 1-element arrays it passes).
-The tile sizes here are a correct starting point, not tuned: tuning needs a GPU (see the benchmark).
+Tiles are autotuned on a GPU (`GEMM_CONFIGS`); the interpreter uses the fixed small tiles given.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-GROUP = 64
+INT4_GROUP, NVFP4_GROUP = 64, 16
+DOTS = {"fp8": 0, "int8": 1, "fp16": 2}
 
+
+# ---------- number formats, in arithmetic the interpreter and the GPU agree on ----------
 
 @triton.jit
 def _round_half_even(q):
@@ -32,69 +44,216 @@ def _round_half_even(q):
 
 
 @triton.jit
+def _e4m3_round(v):
+    """Nearest FP8 E4M3 value of 0 <= v <= 448 (ties to even), as fp32: torch's .to(float8_e4m3fn)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)  # below 2^-6 E4M3 is subnormal: fixed step 2^-9
+    quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(v / quantum) * quantum
+
+
+@triton.jit
+def _e4m3_decode(bits):
+    """E4M3 bit patterns (uint8, no NaNs expected) -> fp32."""
+    b = bits.to(tl.int32)
+    exp = (b >> 3) & 0xF
+    man = (b & 7).to(tl.float32)
+    pow2 = ((tl.maximum(exp, 1) - 7 + 127) << 23).to(tl.float32, bitcast=True)
+    mag = tl.where(exp == 0, man * 0.125, 1.0 + man * 0.125) * pow2
+    return tl.where((b & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _e2m1_encode(v):
+    """fp32 -> E2M1 code (sign << 3 | index of {0, .5, 1, 1.5, 2, 3, 4, 6}), nearest, ties to even."""
+    a = tl.minimum(tl.abs(v), 6.0)
+    step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
+    m = _round_half_even(a / step) * step
+    idx = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
+    return idx | tl.where((v < 0) & (idx > 0), 8, 0)
+
+
+@triton.jit
+def _e2m1_decode(code):
+    mag = code & 7
+    val = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
+                   tl.where(mag < 6, (mag - 2).to(tl.float32), ((mag - 4) * 2).to(tl.float32)))
+    return tl.where((code & 8) != 0, -val, val)
+
+
+@triton.jit
+def _nibbles(packed, SIGNED: tl.constexpr):
+    """uint8 (R, C) -> (codes 2j, codes 2j+1) as int32 (R, C), sign-extended if SIGNED."""
+    b = packed.to(tl.int32)
+    lo, hi = b & 0xF, (b >> 4) & 0xF
+    if SIGNED:
+        lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8
+    return lo, hi
+
+
+@triton.jit
+def _fp4_values(packed, ROWS: tl.constexpr, G: tl.constexpr):
+    """uint8 (ROWS, G/2) of E2M1 codes -> fp16 values (ROWS, G) in code order."""
+    lo, hi = _nibbles(packed, False)
+    vals = tl.join(_e2m1_decode(lo), _e2m1_decode(hi))  # (ROWS, G/2, 2): 2j, 2j+1
+    return tl.reshape(vals, (ROWS, G)).to(tl.float16)
+
+
+# ---------- activations: smooth + quantize + low-rank down, one pass ----------
+
+@triton.jit
 def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, K: tl.constexpr,
-                         R: tl.constexpr, shift,
-                         UNSIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                         G: tl.constexpr):
+                         R: tl.constexpr, shift, UNSIGNED: tl.constexpr, FP4: tl.constexpr, G: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, G)
+    half = tl.arange(0, G // 2)
     rr = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, G):
-        g = k0 // G
-        k = k0 + cols
+    for g in range(0, K // G):
+        k = g * G + cols
         x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
         x = (x.to(tl.float32) + shift).to(x.dtype)  # as torch adds a Python float: fp32 math, rounded
         down = tl.load(down_ptr + k[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
         low += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="ieee")
         sm = tl.load(smooth_ptr + k).to(x.dtype).to(tl.float32)
-        xs = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype)
-        qmax = 15.0 if UNSIGNED else 7.0
-        scale = tl.math.div_rn(tl.max(tl.abs(xs), axis=1).to(tl.float32), qmax).to(x.dtype)
-        inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale.to(tl.float32)), 0.0)
-        q = _round_half_even(xs.to(tl.float32) * inv[:, None])
-        lo = 0.0 if UNSIGNED else -8.0
-        q = tl.minimum(tl.maximum(q, lo), qmax)
-        tl.store(codes_ptr + rows[:, None] * K + k[None, :], q.to(tl.int8), mask=row_ok[:, None])
-        tl.store(scales_ptr + rows * (K // G) + g, scale, mask=row_ok)
+        xs = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype).to(tl.float32)
+        amax = tl.max(tl.abs(xs), axis=1)
+        if FP4:
+            scale = _e4m3_round(tl.minimum(tl.math.div_rn(amax, 6.0), 448.0))
+            safe = tl.where(scale > 0, scale, 1.0)
+            v = tl.where(scale[:, None] > 0, tl.math.div_rn(xs, safe[:, None]), 0.0)
+            q = _e2m1_encode(v)
+            tl.store(scales_ptr + rows * (K // G) + g, scale, mask=row_ok)
+        else:
+            qmax = 15.0 if UNSIGNED else 7.0
+            scale = tl.math.div_rn(amax, qmax).to(x.dtype)
+            inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale.to(tl.float32)), 0.0)
+            qf = _round_half_even(xs * inv[:, None])
+            qf = tl.minimum(tl.maximum(qf, 0.0 if UNSIGNED else -8.0), qmax)
+            q = qf.to(tl.int32)
+            tl.store(scales_ptr + rows * (K // G) + g, scale, mask=row_ok)
+        lo, hi = tl.split(tl.reshape(q, (BLOCK_M, G // 2, 2)))
+        packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+        tl.store(codes_ptr + rows[:, None] * (K // 2) + (g * (G // 2) + half)[None, :], packed, mask=row_ok[:, None])
     tl.store(low_ptr + rows[:, None] * R + rr[None, :], low, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
+# ---------- the W4A4 GEMM with the low-rank up projection in the epilogue ----------
+
 @triton.jit
-def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, out_ptr, M, N, K: tl.constexpr,
-                      R: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, USE_FP8: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+    """The exact code dot product of one K group: (BLOCK_M, BLOCK_N) fp32."""
+    ab = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
+    wb = tl.load(w_ptrs, mask=col_ok[:, None], other=0)
+    if DOT == 2:  # NVFP4 emulated: fp16 values, K = 16
+        return tl.dot(_fp4_values(ab, BLOCK_M, G), tl.trans(_fp4_values(wb, BLOCK_N, G)), out_dtype=tl.float32)
+    a_lo, a_hi = _nibbles(ab, SIGNED_A)  # even and odd codes: two K = G/2 dots cover the group
+    w_lo, w_hi = _nibbles(wb, True)
+    if DOT == 0:
+        part = tl.dot(a_lo.to(tl.float16).to(tl.float8e4nv), tl.trans(w_lo.to(tl.float16).to(tl.float8e4nv)),
+                      out_dtype=tl.float32)
+        return tl.dot(a_hi.to(tl.float16).to(tl.float8e4nv), tl.trans(w_hi.to(tl.float16).to(tl.float8e4nv)), part,
+                      out_dtype=tl.float32)
+    part = tl.dot(a_lo.to(tl.int8), tl.trans(w_lo.to(tl.int8)), out_dtype=tl.int32)
+    return tl.dot(a_hi.to(tl.int8), tl.trans(w_hi.to(tl.int8)), part, out_dtype=tl.int32).to(tl.float32)
+
+
+@triton.jit
+def _weight_scales(ws_ptr, offs, col_ok, DOT: tl.constexpr):
+    if DOT == 2:  # NVFP4: E4M3 bytes
+        return _e4m3_decode(tl.load(ws_ptr + offs, mask=col_ok, other=0))
+    return tl.load(ws_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, out_ptr, M, N,
+                      K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, LAG: tl.constexpr,
+                      GPI: tl.constexpr):
+    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = tl.arange(0, G)
+    half = tl.arange(0, G // 2)
     row_ok, col_ok = rows < M, cols < N
-    groups = K // G
+    groups: tl.constexpr = K // G
+    a_ptrs = a_ptr + rows[:, None] * (K // 2) + half[None, :]
+    w_ptrs = w_ptr + cols[:, None] * (K // 2) + half[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, G):
-        g = k0 // G
-        k = k0 + kk
-        a = tl.load(a_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None], other=0)
-        w = tl.load(w_ptr + cols[None, :] * K + k[:, None], mask=col_ok[None, :], other=0)
-        if USE_FP8:
-            part = tl.dot(a.to(tl.float16).to(tl.float8e4nv), w.to(tl.float16).to(tl.float8e4nv), out_dtype=tl.float32)
-        else:
-            part = tl.dot(a, w, out_dtype=tl.int32).to(tl.float32)
+    # Keeping the tensor cores busy across the per-group rescale (the autotuner picks what is fastest):
+    # LAG=1 rescales group g-1 after issuing group g's MMAs; GPI=2 issues two groups' MMAs per step
+    # (not both: GEMM_CONFIGS never combines them).
+    # Either way groups are added in K order, so the result does not change.
+    prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    prev_sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    prev_sw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in range(0, groups, GPI):
+        part = _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT, SIGNED_A, BLOCK_M, BLOCK_N, G)
+        if GPI == 2:  # issue both groups' MMAs before either rescale waits on its result
+            part2 = _group_dot(a_ptrs + G // 2, w_ptrs + G // 2, row_ok, col_ok, DOT, SIGNED_A, BLOCK_M, BLOCK_N, G)
         sa = tl.load(as_ptr + rows * groups + g, mask=row_ok, other=0.0).to(tl.float32)
-        sw = tl.load(ws_ptr + cols * groups + g, mask=col_ok, other=0.0).to(tl.float32)
-        acc += part * (sa[:, None] * sw[None, :])
+        sw = _weight_scales(ws_ptr, cols * groups + g, col_ok, DOT)
+        if LAG:
+            acc += prev * (prev_sa[:, None] * prev_sw[None, :])
+            prev, prev_sa, prev_sw = part, sa, sw
+        else:
+            acc += part * (sa[:, None] * sw[None, :])
+        if GPI == 2:
+            sa2 = tl.load(as_ptr + rows * groups + g + 1, mask=row_ok, other=0.0).to(tl.float32)
+            sw2 = _weight_scales(ws_ptr, cols * groups + g + 1, col_ok, DOT)
+            acc += part2 * (sa2[:, None] * sw2[None, :])
+        a_ptrs += GPI * (G // 2)
+        w_ptrs += GPI * (G // 2)
+    if LAG:
+        acc += prev * (prev_sa[:, None] * prev_sw[None, :])
+    if DOT == 2:
+        acc = acc * tl.load(wt_ptr).to(tl.float32)
+    if HAS_WC:
+        acc = acc * tl.load(wc_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     rr = tl.arange(0, BLOCK_R)
     low = tl.load(low_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
     up = tl.load(up_ptr + cols[None, :] * R + rr[:, None], mask=col_ok[None, :] & (rr[:, None] < R), other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     acc += tl.dot(low, up.to(tl.float32), input_precision="ieee")
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _config(bm, bn, warps, stages, lag=0, gpi=1):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "LAG": lag, "GPI": gpi}, num_warps=warps,
+                         num_stages=stages)
+
+
+# Candidates the GPU autotuner times per (M, N, K, dot type); the benchmark records the winner.
+_TILES = [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]
+GEMM_CONFIGS = ([_config(*t, lag=lag) for t in _TILES for lag in (0, 1)]
+                + [_config(*t, gpi=2) for t in _TILES[:2]])
+
+
+def _prune(configs, named_args, **kwargs):
+    """GPI=2 needs an even number of K groups."""
+    k, g = kwargs.get("K", named_args.get("K")), kwargs.get("G", named_args.get("G"))
+    return [c for c in configs if c.kwargs["GPI"] == 1 or (k // g) % 2 == 0]
+
+
+_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A"],
+                             prune_configs_by={"early_config_prune": _prune})(_w4a4_gemm_kernel)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _pow2(n: int) -> int:
@@ -102,32 +261,61 @@ def _pow2(n: int) -> int:
 
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, shift: float, unsigned: bool,
-                 block_m: int = 32):
-    """(M, K) -> int8 codes (M, K), scales (M, K/64) in x's dtype, x·proj_down (M, R) fp32."""
+                 precision: str = "int4", block_m: int = 32):
+    """(M, K) -> packed codes uint8 (M, K/2), scales (M, K/G), x·proj_down (M, R) fp32.
+
+    Scales are in x's dtype for INT4 and fp32 (holding E4M3 values) for NVFP4.
+    """
     x, smooth, proj_down = x.contiguous(), smooth.contiguous(), proj_down.contiguous()
+    fp4 = precision == "nvfp4"
+    group = NVFP4_GROUP if fp4 else INT4_GROUP
     m, k = x.shape
     r = proj_down.shape[1]
-    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    scales = torch.empty(m, k // GROUP, dtype=x.dtype, device=x.device)
+    codes = torch.empty(m, k // 2, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(m, k // group, dtype=torch.float32 if fp4 else x.dtype, device=x.device)
     low = torch.empty(m, r, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m),)
-    _quantize_act_kernel[grid](x, smooth, proj_down, codes, scales, low, m, k, r, float(shift), UNSIGNED=unsigned,
-                               BLOCK_M=block_m, BLOCK_R=_pow2(r), G=GROUP)
+    _quantize_act_kernel[(triton.cdiv(m, block_m),)](
+        x, smooth, proj_down, codes, scales, low, m, k, r, float(shift), UNSIGNED=unsigned and not fp4, FP4=fp4,
+        G=group, BLOCK_M=block_m, BLOCK_R=_pow2(r))
     return codes, scales, low
 
 
-def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, use_fp8: bool,
-              block_m: int = 64, block_n: int = 64):
-    """Σ_g dot_g · s_a · s_w (fp32, K order) + bias + low·proj_upᵀ -> (M, N) in out_dtype."""
+def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
+              unsigned: bool = False, wtscale=None, wcscales=None, *, block_m: Optional[int] = None,
+              block_n: Optional[int] = None, lag: int = 0, gpi: int = 1):
+    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ -> (M, N).
+
+    a_codes, w_codes: packed (M, K/2), (N, K/2) uint8. dot: "fp8" | "int8" (INT4) or "fp16" (NVFP4,
+    w_scales float8_e4m3fn, wtscale a 0-d fp32 tensor). With block_m/block_n (lag, gpi) given, or in
+    the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
+    """
+    fp4 = dot == "fp16"
+    if fp4 and w_scales.dtype == torch.float8_e4m3fn:
+        w_scales = w_scales.view(torch.uint8)
     a_codes, a_scales, w_codes, w_scales, low, proj_up = (
         t.contiguous() for t in (a_codes, a_scales, w_codes, w_scales, low, proj_up))
-    m, k = a_codes.shape
+    m, k = a_codes.shape[0], a_codes.shape[1] * 2
     n = w_codes.shape[0]
     r = proj_up.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a4_gemm_kernel[grid](a_codes, a_scales, w_codes, w_scales, low, proj_up,
-                            bias if bias is not None else w_scales, out, m, n, k, r,
-                            HAS_BIAS=bias is not None, USE_FP8=use_fp8, BLOCK_M=block_m, BLOCK_N=block_n,
-                            BLOCK_R=_pow2(r), G=GROUP)
+    dummy = w_scales
+    args = (a_codes, a_scales, w_codes, w_scales, low, proj_up, bias if bias is not None else dummy,
+            wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy, out, m, n)
+    meta = dict(K=k, R=r, DOT=DOTS[dot], SIGNED_A=not unsigned or fp4, HAS_BIAS=bias is not None,
+                HAS_WC=wcscales is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r))
+    if block_m or block_n or interpreting() or a_codes.device.type != "cuda":
+        block_m, block_n = block_m or 32, block_n or 32
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        if lag and gpi != 1:
+            raise ValueError("lag=1 with gpi=1 only: a lagged rescale of paired groups would add them out of K order")
+        if (k // meta["G"]) % gpi:
+            raise ValueError(f"gpi={gpi} needs the number of K groups ({k // meta['G']}) to be a multiple of it")
+        _w4a4_gemm_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=4, LAG=lag, GPI=gpi)
+    else:
+        _autotuned[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     return out
+
+
+def best_configs() -> dict[str, str]:
+    """What the autotuner chose so far, per key: recorded by the benchmark."""
+    return {str(key): str(cfg) for key, cfg in getattr(_autotuned, "cache", {}).items()}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue #4's GPU work on a lent GPU machine, in as few device calls as fit its 10-minute limit.
+# Here first: `make gpu-wheels` (diffusers, hydra, omegaconf, antlr4, bitsandbytes into .whl/). Then:
+#   run(command="bash benchmarks/device_run.sh tests gemm", carry=[".whl"])
+#   run(command="bash benchmarks/device_run.sh flux", carry=[".whl"])
+#   run(command="bash benchmarks/device_run.sh qwen", carry=[".whl"])
+# and merge what came back:
+#   python benchmarks/gpu_bench.py --report <gemm.json> <flux.json> <qwen.json> \
+#       --out docs/benchmarks.json --markdown docs/benchmarks.md
+# Parts: tests (GPU tests: kernels vs reference, tiny pipeline vs reference path), gemm, flux, qwen.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/device}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "could not install the carried wheels (.whl/): run 'make gpu-wheels' here and carry .whl" >&2; exit 3; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
+status=0
+for part in "$@"; do
+  case "$part" in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_numerics.py 2>&1 \
+             | tee "$OUT/tests.txt" || status=1 ;;
+    gemm|flux|qwen) python3 benchmarks/gpu_bench.py --only "$part" --profile --out "$OUT/$part.json" \
+             ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$part.txt" || status=1 ;;
+    *) echo "unknown part '$part' (tests | gemm | flux | qwen)" >&2; exit 2 ;;
+  esac
+done
+exit $status
