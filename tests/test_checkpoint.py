@@ -131,9 +131,44 @@ def test_quantized_modules_replace_the_right_layers(saved):
     assert b.ff.net[2].act_unsigned and not b.ff.net[0].proj.act_unsigned
     assert isinstance(t.single_transformer_blocks[0].proj_out, SplitInputLinear)
     assert t.single_transformer_blocks[0].proj_out.second.act_unsigned
-    assert type(b.norm1.linear) is torch.nn.Linear and type(t.proj_out) is torch.nn.Linear
+    assert isinstance(b.norm1.linear, AWQW4A16Linear) and isinstance(b.norm1_context.linear, AWQW4A16Linear)
+    assert isinstance(t.single_transformer_blocks[0].norm.linear, AWQW4A16Linear)
+    assert type(t.proj_out) is torch.nn.Linear and type(t.time_text_embed.timestep_embedder.linear_1) is torch.nn.Linear
     qwen, _ = saved("tiny-qwen-image", "int4")
     assert isinstance(qwen.transformer.transformer_blocks[0].img_mod[1], AWQW4A16Linear)
+
+
+@pytest.mark.parametrize("naming", ["diffusers", "legacy"])
+def test_flux_modulation_bias_holds_the_adaln_fold_only_in_legacy_files(saved, naming):
+    pipe, path = saved("tiny-flux", "int4", naming)
+    name = "transformer_blocks.0.norm1.linear"  # the same name in both schemes
+    layer = pipe.transformer.transformer_blocks[0].norm1.linear
+    from pipeline.quantization import packing as pk
+
+    file_bias = pk.deinterleave_rows(load_file(str(path))[f"{name}.bias"].float(), 6)
+    n = layer.out_features // 6
+    diff = file_bias - layer.bias.float()
+    assert torch.equal(diff[n : 2 * n], torch.full((n,), 1.0 if naming == "legacy" else 0.0))  # scale chunk
+    assert torch.equal(diff[:n], torch.zeros(n))  # shift chunk: never folded
+
+
+def test_flux_files_with_16bit_modulation_still_load(tmp_path):
+    """Files whose AdaLN modulation is 16-bit (no AWQ tensors): those layers stay nn.Linear with the file's weights."""
+    pipe = build_tiny(run_config(["model=tiny-flux"]).model)
+    targets = [t for t in targets_for(pipe.transformer) if t.kind == "w4a4"]
+    stats = collect_stats(pipe, targets, CalibrationSettings(prompts=["a dog"], steps=2, height=64, width=64,
+                                                            max_sequence_length=32))
+    from pipeline.quantization.transform import quantize_model
+
+    quantize_model(pipe.transformer, targets, stats, precision="int4", rank=32, act_unsigned=True, alphas=[0.5])
+    path = save_checkpoint(pipe.transformer, tmp_path / "svdq-int4_r32-x.safetensors", precision="int4", rank=32,
+                           act_unsigned=True, model_name="tiny-flux")
+    assert not any(k.endswith("norm1.linear.qweight") for k in load_file(str(path)))
+    fresh = build_tiny(run_config(["model=tiny-flux"]).model)
+    _, names = load_quantized_(fresh.transformer, path)
+    assert len(names) == len(targets)
+    assert type(fresh.transformer.transformer_blocks[0].norm1.linear) is torch.nn.Linear
+    assert torch.equal(forward(fresh.transformer, "tiny-flux"), forward(pipe.transformer, "tiny-flux"))
 
 
 def _rewrite(src, dst, edit):

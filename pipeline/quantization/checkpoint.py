@@ -70,9 +70,16 @@ def _pack_svdq(name: str, parts: list[SVDQW4A4Linear]) -> dict[str, torch.Tensor
     return out
 
 
-def _pack_awq(name: str, layer: AWQW4A16Linear, t: Target, dtype16: torch.dtype) -> dict[str, torch.Tensor]:
+def _file_fold(t: Target, n: int, family: str, naming: str) -> torch.Tensor:
+    """The AdaLN "+1" the file's modulation bias holds: Qwen-Image and legacy FLUX files fold it in;
+    diffusers-named FLUX files do not (the engine keeps diffusers' AdaLayerNormZero, which adds it)."""
+    if family == "flux" and naming == "diffusers":
+        return torch.zeros(n)
+    return modulation_fold(t, n)
+
+
+def _pack_awq(name: str, layer: AWQW4A16Linear, t: Target, dtype16: torch.dtype, fold: torch.Tensor):
     s = t.mod_chunks
-    fold = modulation_fold(t, layer.out_features)
     return {
         f"{name}.qweight": pk.pack_awq_codes(pk.interleave_rows(layer.qweight.cpu(), s)),
         f"{name}.wscales": pk.interleave_rows(layer.wscales.cpu(), s).T.contiguous(),
@@ -95,7 +102,9 @@ def state_dict_for_file(transformer: nn.Module, *, precision: str, rank: int, na
     tensors: dict[str, torch.Tensor] = {}
     for name, parts in quantized_layers(transformer).items():
         if isinstance(parts[0], AWQW4A16Linear):
-            packed = _pack_awq(name, parts[0], targets[name], dtype16)
+            t = targets[name]
+            fold = _file_fold(t, parts[0].out_features, family_of(transformer), naming)
+            packed = _pack_awq(name, parts[0], t, dtype16, fold)
         else:
             packed = _pack_svdq(name, parts)
         if naming == "legacy":
@@ -251,9 +260,8 @@ def load_checkpoint(transformer: nn.Module, path: str | Path, info: CheckpointIn
     precision, rank = info.precision, info.rank
     group = nx.group_size(precision)
     device = next(transformer.parameters()).device
-    targets = targets_for(transformer)
-    # Legacy FLUX files also hold the AdaLN modulation as AWQ W4A16.
-    targets += [t for t in _flux_modulation_targets(transformer) if reader.has(f"{t.name}.qweight")]
+    # FLUX files may hold the AdaLN modulation as AWQ W4A16 or in 16 bits: the file decides.
+    targets = [t for t in targets_for(transformer) if not t.optional or reader.has(f"{t.name}.qweight")]
     replaced: set[str] = set()
     pending: dict = {}
     loaded = []
@@ -262,7 +270,7 @@ def load_checkpoint(transformer: nn.Module, path: str | Path, info: CheckpointIn
         n, k = w.shape
         what = f" (layer {t.name}: {n}x{k}, rank {rank}, {precision})"
         if t.kind == "awq":
-            layer = _read_awq(reader, t, n, k, what)
+            layer = _read_awq(reader, t, n, k, what, _file_fold(t, n, family_of(transformer), info.naming))
         else:
             layer = _read_svdq(reader, t, n, k, rank, precision, group, what,
                                unsigned=act_unsigned and t.after_gelu and precision == "int4")
@@ -314,25 +322,11 @@ def _read_svdq(r: _Reader, t: Target, n, k, rank, precision, group, what, unsign
                           act_shift=nx.GELU_SHIFT if unsigned else 0.0, ckpt_name=p, **extra)
 
 
-def _read_awq(r: _Reader, t: Target, n, k, what) -> AWQW4A16Linear:
+def _read_awq(r: _Reader, t: Target, n, k, what, fold: torch.Tensor) -> AWQW4A16Linear:
     p, s = t.name, t.mod_chunks
     codes = pk.deinterleave_rows(pk.unpack_awq_codes(r.get(f"{p}.qweight", (n // 4, k // 2), what)), s)
     groups = k // nx.INT4_GROUP
     scales = pk.deinterleave_rows(r.get(f"{p}.wscales", (groups, n), what).T.contiguous(), s)
     zeros = pk.deinterleave_rows(r.get(f"{p}.wzeros", (groups, n), what).T.contiguous(), s)
-    bias = pk.deinterleave_rows(r.get(f"{p}.bias", (n,), what).float(), s) - modulation_fold(t, n)
+    bias = pk.deinterleave_rows(r.get(f"{p}.bias", (n,), what).float(), s) - fold
     return AWQW4A16Linear(qweight=codes, wscales=scales, wzeros=zeros, bias=bias, ckpt_name=p)
-
-
-def _flux_modulation_targets(transformer: nn.Module) -> list[Target]:
-    if family_of(transformer) != "flux":
-        return []
-    out = []
-    for i, _ in enumerate(transformer.transformer_blocks):
-        for name in ("norm1.linear", "norm1_context.linear"):
-            path = f"transformer_blocks.{i}.{name}"
-            out.append(Target(path, (path,), kind="awq", mod_chunks=6, scale_chunks=(1, 4)))
-    for i, _ in enumerate(transformer.single_transformer_blocks):
-        path = f"single_transformer_blocks.{i}.norm.linear"
-        out.append(Target(path, (path,), kind="awq", mod_chunks=3, scale_chunks=(1,)))
-    return out
