@@ -162,17 +162,29 @@ def transformer_inputs(family: str, config: dict, tokens: int, text_tokens: int,
                 img_shapes=[(1, side, side)])
 
 
+def random_awq(n: int, k: int, device, dtype):
+    from pipeline.quantization.layers import AWQW4A16Linear
+
+    g = torch.Generator(device=device).manual_seed(n * 3 + k)
+    return AWQW4A16Linear(qweight=torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.uint8),
+                          wscales=(torch.rand(n, k // 64, generator=g, device=device) * 1e-3).to(dtype),
+                          wzeros=(torch.rand(n, k // 64, generator=g, device=device) * -7e-3).to(dtype),
+                          bias=torch.zeros(n, device=device))
+
+
 def quantize_random_(model, rank: int, device, dtype) -> int:
+    """Every target as the quantizer would leave it (W4A4 layers, AWQ modulation), with random values."""
     from pipeline.quantization.targets import targets_for
     from pipeline.quantization.transform import get_module, install
 
     pending: dict = {}
-    targets = [t for t in targets_for(model) if t.kind == "w4a4"]
+    targets = targets_for(model)
     for t in targets:
         mods = [get_module(model, p) for p in t.parts]
         n = sum(m.out_features for m in mods)
         k = (t.cols[1] - t.cols[0]) if t.cols else mods[0].in_features
-        install(model, t, random_svdq(n, k, rank, t.after_gelu, device, dtype), pending)
+        layer = random_awq(n, k, device, dtype) if t.kind == "awq" else random_svdq(n, k, rank, t.after_gelu, device, dtype)
+        install(model, t, layer, pending)
     return len(targets)
 
 

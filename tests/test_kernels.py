@@ -141,6 +141,40 @@ def test_autotune_candidates_keep_k_order_and_fit_the_group_count():
     assert len(_prune(GEMM_CONFIGS, {}, K=3072, G=64)) == len(GEMM_CONFIGS)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 128, 96), (3, 256, 200), (16, 64, 33)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_awq_gemv_matches_the_reference(m, k, n, dtype):
+    from pipeline.kernels.triton_awq import awq_gemv
+    from pipeline.quantization.quantizer import awq_w4a16
+
+    g = torch.Generator().manual_seed(k + n)
+    layer = awq_w4a16(torch.randn(n, k, generator=g), torch.randn(n, generator=g), dtype16=torch.float16).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DEVICE, dtype)
+    y = awq_gemv(x, layer.packed_codes, layer.wscales, layer.wzeros, layer.bias)
+    ref = layer.reference_forward(x)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert y.dtype == dtype and ((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < tol
+
+
+def test_awq_layer_uses_the_gemv_for_few_rows_and_compiles_without_graph_breaks(monkeypatch):
+    from pipeline.kernels import dispatch
+    from pipeline.quantization.quantizer import awq_w4a16
+
+    g = torch.Generator().manual_seed(0)
+    layer = awq_w4a16(torch.randn(96, 128, generator=g), None).to(DEVICE)
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    calls = []
+    monkeypatch.setattr(layer, "reference_forward", lambda x: calls.append(x.shape) or torch.zeros(1))
+    x = torch.randn(2, 1, 128, generator=g).to(DEVICE, torch.bfloat16 if DEVICE.type == "cuda" else torch.float32)
+    assert layer(x).shape == (2, 1, 96) and not calls  # 2 rows: the GEMV
+    explain = torch._dynamo.explain(layer)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    many = torch.randn(dispatch.AWQ_MAX_ROWS + 1, 128).to(DEVICE, x.dtype)
+    layer(many)
+    assert calls == [many.shape]  # many rows: dequantize + GEMM (the reference)
+
+
 def test_layers_hold_weight_codes_two_per_byte():
     layer, _ = make_layer(8, 256, 96, 16, False)
     assert layer.packed_codes.dtype == torch.uint8 and layer.packed_codes.shape == (96, 128)

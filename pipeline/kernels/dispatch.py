@@ -16,6 +16,7 @@ import os
 import torch
 
 _TRITON = importlib.util.find_spec("triton") is not None  # once, at import: compile-friendly
+AWQ_MAX_ROWS = 16  # an AWQ layer with more input rows than this dequantizes and runs a GEMM instead
 
 
 def kernel_mode(device: torch.device, precision: str) -> str:
@@ -33,6 +34,16 @@ def kernel_mode(device: torch.device, precision: str) -> str:
     if forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return "fp16" if precision == "nvfp4" else os.environ.get("SVDQ_KERNEL_DOT", "fp8")
     return "reference"
+
+
+def awq_kernel(device: torch.device, rows: int) -> bool:
+    """AWQ W4A16 layers with few input rows (the modulation) use the Triton GEMV on CUDA 7.0+."""
+    forced = os.environ.get("SVDQ_KERNELS", "auto")
+    if forced == "reference" or not _TRITON or rows > AWQ_MAX_ROWS:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (7, 0)
+    return forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def describe(device: torch.device, precision: str) -> str:

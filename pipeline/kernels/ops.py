@@ -27,3 +27,17 @@ def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tens
 @w4a4_linear.register_fake
 def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned, dot):
     return x.new_empty(x.shape[0], packed_codes.shape[0])
+
+
+@torch.library.custom_op("svdq::awq_w4a16_gemv", mutates_args=())
+def awq_w4a16_gemv(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (M, K), M small -> (M, N) in x's dtype: an AWQ W4A16 layer via the Triton GEMV."""
+    from pipeline.kernels.triton_awq import awq_gemv
+
+    return awq_gemv(x, packed_codes, wscales, wzeros, bias)
+
+
+@awq_w4a16_gemv.register_fake
+def _(x, packed_codes, wscales, wzeros, bias):
+    return x.new_empty(x.shape[0], packed_codes.shape[0])

@@ -97,8 +97,8 @@ class SVDQW4A4Linear(nn.Module):
 class AWQW4A16Linear(nn.Module):
     """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (Qwen-Image modulation).
 
-    Held two codes per byte like the SVDQuant layer; the forward is plain PyTorch (these layers are few and
-    small: the modulation of each block)."""
+    Held two codes per byte like the SVDQuant layer. Its input is one row per image (the timestep
+    embedding): on CUDA a Triton GEMV reads the packed codes; otherwise the PyTorch reference."""
 
     def __init__(self, *, qweight, wscales, wzeros, bias, ckpt_name: str = ""):
         super().__init__()
@@ -121,6 +121,17 @@ class AWQW4A16Linear(nn.Module):
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pipeline.kernels.dispatch import awq_kernel
+
+        x2 = x.reshape(-1, self.in_features)
+        if awq_kernel(x.device, x2.shape[0]):
+            from pipeline.kernels.ops import awq_w4a16_gemv
+
+            y = awq_w4a16_gemv(x2, self.packed_codes, self.wscales, self.wzeros, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float() @ self.weight_fp32().T
         if self.bias is not None:
             y = y + self.bias.float()
