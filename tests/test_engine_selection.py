@@ -127,7 +127,10 @@ def fake_gpu(monkeypatch):
     import torch
 
     def install(cc, name):
+        from pipeline.kernels import dispatch
+
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+        monkeypatch.setattr(dispatch, "_CAPABILITY", {})  # the kernels' per-GPU cache
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
         return torch.device("cuda")
 

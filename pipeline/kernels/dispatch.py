@@ -19,13 +19,26 @@ _TRITON = importlib.util.find_spec("triton") is not None  # once, at import: com
 AWQ_MAX_ROWS = 16  # an AWQ layer with more input rows than this dequantizes and runs a GEMM instead
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability, asked once per GPU: the layers ask on every call."""
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = tuple(torch.cuda.get_device_capability(index))
+    return _CAPABILITY[index]
+
+
 def kernel_mode(device: torch.device, precision: str) -> str:
     """'fp8' | 'int8' | 'fp16' (the Triton kernels' dot type) or 'reference'."""
     forced = os.environ.get("SVDQ_KERNELS", "auto")
     if forced == "reference" or not _TRITON:
         return "reference"
     if device.type == "cuda":
-        cc = torch.cuda.get_device_capability(device)
+        cc = _capability(device)
         if precision == "nvfp4":
             return "fp16" if cc >= (8, 0) else "reference"
         if cc >= (8, 9):
@@ -42,7 +55,7 @@ def awq_kernel(device: torch.device, rows: int) -> bool:
     if forced == "reference" or not _TRITON or rows > AWQ_MAX_ROWS:
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (7, 0)
+        return _capability(device) >= (7, 0)
     return forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
