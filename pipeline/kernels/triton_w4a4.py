@@ -11,7 +11,7 @@
 
 Codes are packed as numerics.pack_nibbles does (byte j = codes 2j, 2j+1). INT4 groups are split
 into their even and odd codes, two chained K=32 dots with no shuffle; NVFP4 groups (16 codes) are
-re-interleaved with join/reshape, since a K=8 dot does not exist.
+re-interleaved (tl.interleave), since a K=8 dot does not exist.
 
 Both kernels match pipeline/quantization/numerics.py up to fp32 rounding of the scale multiply-adds.
 K and R are compile-time constants (a model has few distinct values; it also keeps Triton's CPU
@@ -92,11 +92,10 @@ def _nibbles(packed, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _fp4_values(packed, ROWS: tl.constexpr, G: tl.constexpr):
-    """uint8 (ROWS, G/2) of E2M1 codes -> fp16 values (ROWS, G) in code order."""
+def _fp4_values(packed):
+    """uint8 (rows, G/2) of E2M1 codes -> fp16 values (rows, G) in code order."""
     lo, hi = _nibbles(packed, False)
-    vals = tl.join(_e2m1_decode(lo), _e2m1_decode(hi))  # (ROWS, G/2, 2): 2j, 2j+1
-    return tl.reshape(vals, (ROWS, G)).to(tl.float16)
+    return tl.interleave(_e2m1_decode(lo), _e2m1_decode(hi)).to(tl.float16)  # codes 2j, 2j+1 in place
 
 
 # ---------- activations: smooth + quantize + low-rank down, one pass ----------
@@ -150,7 +149,7 @@ def _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT: tl.constexpr, SIGNED_A: tl.c
     ab = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
     wb = tl.load(w_ptrs, mask=col_ok[:, None], other=0)
     if DOT == 2:  # NVFP4 emulated: fp16 values, K = 16
-        return tl.dot(_fp4_values(ab, BLOCK_M, G), tl.trans(_fp4_values(wb, BLOCK_N, G)), out_dtype=tl.float32)
+        return tl.dot(_fp4_values(ab), tl.trans(_fp4_values(wb)), out_dtype=tl.float32)
     a_lo, a_hi = _nibbles(ab, SIGNED_A)  # even and odd codes: two K = G/2 dots cover the group
     w_lo, w_hi = _nibbles(wb, True)
     if DOT == 0:
