@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.quantization.numerics import pack_nibbles, unpack_nibbles
+
 # Weight codes (N, K): (n_tiles, n_packs 8, n_pack_size 2, n_lanes 8, reg_n 1,
 #                       k_tiles, k_packs 1, k_pack_size 2, k_lanes 4, reg_k 8)
 _W_PERM = (0, 5, 6, 1, 3, 8, 2, 7, 4, 9)
@@ -46,21 +48,14 @@ def _weight_view(n: int, k: int) -> tuple[int, ...]:
 def pack_weight_codes(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes (N, K) -> int8 (N, K/2): tile order, 8 codes per little-endian 32-bit word."""
     n, k = codes.shape
-    nib = (codes.to(torch.int32) & 0xF).to(torch.uint8)
-    runs = _permute(nib, _weight_view(n, k), _W_PERM).reshape(-1, 8)
-    packed = runs[:, 0::2] | (runs[:, 1::2] << 4)  # code i at bits 4i of the word
-    return packed.reshape(n, k // 2).view(torch.int8)
+    runs = _permute(codes, _weight_view(n, k), _W_PERM).reshape(-1, 8)
+    return pack_nibbles(runs).reshape(n, k // 2).view(torch.int8)  # code i at bits 4i of the word
 
 
 def unpack_weight_codes(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     n, half = packed.shape
-    k = half * 2
-    b = packed.contiguous().view(torch.uint8).reshape(-1, 4)
-    runs = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1, 8)
-    codes = _unpermute(runs, _weight_view(n, k), _W_PERM, (n, k))
-    if signed:
-        return torch.where(codes >= 8, codes.to(torch.int16) - 16, codes.to(torch.int16)).to(torch.int8)
-    return codes
+    runs = unpack_nibbles(packed.contiguous().view(torch.uint8).reshape(-1, 4), signed)
+    return _unpermute(runs, _weight_view(n, half * 2), _W_PERM, (n, half * 2))
 
 
 def _scale_layout(n: int, groups: int, precision: str):
@@ -105,34 +100,41 @@ def _lowrank_layout(c: int, r: int):
     return (c // 16, r // 16, 2, 8, 1, 2, 4, 2), _LR_PERM
 
 
+def _pack_lowrank(m: torch.Tensor, block_perm: tuple[int, ...]) -> torch.Tensor:
+    """(C, R) -> 16x16 blocks (C/16, R/16, 16, 16) ordered by block_perm, then the MMA tile order."""
+    c, r = m.shape
+    blocks = _permute(m, (c // 16, 16, r // 16, 16), block_perm)
+    view, perm = _lowrank_layout(c, r)
+    return _permute(blocks, view, perm).reshape(c, r)
+
+
+def _unpack_lowrank(packed: torch.Tensor, block_perm: tuple[int, ...]) -> torch.Tensor:
+    c, r = packed.shape
+    view, perm = _lowrank_layout(c, r)
+    blocks = _unpermute(packed, view, perm, (c // 16, r // 16, 16, 16))
+    return _unpermute(blocks, (c // 16, 16, r // 16, 16), block_perm, (c, r))
+
+
+# proj_down's blocks hold (16 r, 16 k): each 16x16 block transposed; proj_up's hold (16 n, 16 r).
+_DOWN_BLOCKS, _UP_BLOCKS = (0, 2, 3, 1), (0, 2, 1, 3)
+
+
 def pack_proj_down(down: torch.Tensor) -> torch.Tensor:
     """Logical (K, R) (applied as x @ down) -> stored (K, R) in tile order."""
-    k, r = down.shape
-    blocks = _permute(down.T, (r // 16, 16, k // 16, 16), (2, 0, 1, 3))  # (K/16, R/16, 16r, 16k)
-    view, perm = _lowrank_layout(k, r)
-    return _permute(blocks, view, perm).reshape(k, r)
+    return _pack_lowrank(down, _DOWN_BLOCKS)
 
 
 def unpack_proj_down(packed: torch.Tensor) -> torch.Tensor:
-    k, r = packed.shape
-    view, perm = _lowrank_layout(k, r)
-    blocks = _unpermute(packed, view, perm, (k // 16, r // 16, 16, 16))
-    return _unpermute(blocks, (r // 16, 16, k // 16, 16), (2, 0, 1, 3), (r, k)).T.contiguous()
+    return _unpack_lowrank(packed, _DOWN_BLOCKS)
 
 
 def pack_proj_up(up: torch.Tensor) -> torch.Tensor:
     """Logical (N, R) -> stored (N, R) in tile order."""
-    n, r = up.shape
-    blocks = _permute(up, (n // 16, 16, r // 16, 16), (0, 2, 1, 3))  # (N/16, R/16, 16n, 16r)
-    view, perm = _lowrank_layout(n, r)
-    return _permute(blocks, view, perm).reshape(n, r)
+    return _pack_lowrank(up, _UP_BLOCKS)
 
 
 def unpack_proj_up(packed: torch.Tensor) -> torch.Tensor:
-    n, r = packed.shape
-    view, perm = _lowrank_layout(n, r)
-    blocks = _unpermute(packed, view, perm, (n // 16, r // 16, 16, 16))
-    return _unpermute(blocks, (n // 16, 16, r // 16, 16), (0, 2, 1, 3), (n, r))
+    return _unpack_lowrank(packed, _UP_BLOCKS)
 
 
 # ---------- AWQ W4A16 (modulation layers) ----------
