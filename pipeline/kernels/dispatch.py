@@ -32,31 +32,33 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return _CAPABILITY[index]
 
 
-def kernel_mode(device: torch.device, precision: str) -> str:
-    """'fp8' | 'int8' | 'fp16' (the Triton kernels' dot type) or 'reference'."""
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels may run here: a GPU, or the CPU under SVDQ_KERNELS=triton + the interpreter."""
     forced = os.environ.get("SVDQ_KERNELS", "auto")
     if forced == "reference" or not _TRITON:
+        return False
+    return device.type == "cuda" or (forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def kernel_mode(device: torch.device, precision: str) -> str:
+    """'fp8' | 'int8' | 'fp16' (the Triton kernels' dot type) or 'reference'."""
+    if not _triton_runs_on(device):
         return "reference"
-    if device.type == "cuda":
-        cc = _capability(device)
-        if precision == "nvfp4":
-            return "fp16" if cc >= (8, 0) else "reference"
-        if cc >= (8, 9):
-            return "fp8"
-        return "int8" if cc >= (7, 5) else "reference"
-    if forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda":  # the interpreter
         return "fp16" if precision == "nvfp4" else os.environ.get("SVDQ_KERNEL_DOT", "fp8")
-    return "reference"
+    cc = _capability(device)
+    if precision == "nvfp4":
+        return "fp16" if cc >= (8, 0) else "reference"
+    if cc >= (8, 9):
+        return "fp8"
+    return "int8" if cc >= (7, 5) else "reference"
 
 
 def awq_kernel(device: torch.device, rows: int) -> bool:
     """AWQ W4A16 layers with few input rows (the modulation) use the Triton GEMV on CUDA 7.0+."""
-    forced = os.environ.get("SVDQ_KERNELS", "auto")
-    if forced == "reference" or not _TRITON or rows > AWQ_MAX_ROWS:
+    if rows > AWQ_MAX_ROWS or not _triton_runs_on(device):
         return False
-    if device.type == "cuda":
-        return _capability(device) >= (7, 0)
-    return forced == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type != "cuda" or _capability(device) >= (7, 0)
 
 
 def describe(device: torch.device, precision: str) -> str:

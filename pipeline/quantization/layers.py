@@ -95,7 +95,7 @@ class SVDQW4A4Linear(nn.Module):
 
 
 class AWQW4A16Linear(nn.Module):
-    """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (Qwen-Image modulation).
+    """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (the AdaLN modulation).
 
     Held two codes per byte like the SVDQuant layer. Its input is one row per image (the timestep
     embedding): on CUDA a Triton GEMV reads the packed codes; otherwise the PyTorch reference."""
