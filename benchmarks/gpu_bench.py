@@ -314,6 +314,25 @@ def targets(gemm: list[dict], forwards: list[dict]) -> list[dict]:
     return out
 
 
+GEMM_COLUMNS = ("M×K×N", "cuBLAS BF16", "cuBLAS FP8", "ours W4A4 GEMM", "ours layer (act quant + GEMM)",
+                "GEMM / BF16", "kernel")
+GEMM_SHORT = ("M×K×N", "bf16", "fp8", "ours gemm", "ours layer", "gemm/bf16", "kernel")  # terminal widths
+FORWARD_COLUMNS = ("model", "variant", "mode", "ms", "weights GiB", "peak GiB")
+
+
+def _gemm_cells(r: dict) -> list[str]:
+    tflops = [f"{r[k]:.1f}" if k in r else "-" for k in ("bf16_tflops", "fp8_tflops", "w4a4_gemm_tflops", "layer_tflops")]
+    ratio = f"{r['gemm_vs_bf16']:.2f}×" if "gemm_vs_bf16" in r else "-"
+    return [f"{r['M']}×{r['K']}×{r['N']}", *tflops, ratio, r["kernel"]]
+
+
+def _forward_cells(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [r.get("model", ""), r["variant"], "skipped", r["skipped"], "", ""]
+    peak = f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else "-"
+    return [r["model"], r["variant"], r["mode"], f"{r['ms_per_forward']:.1f}", f"{r['weight_bytes'] / 2**30:.2f}", peak]
+
+
 def print_tables(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -321,26 +340,28 @@ def print_tables(result: dict) -> None:
     console = Console()
     if result["gemm"]:
         t = Table(title=f"GEMM TFLOP/s on {result['device']}")
-        for c in ("M×K×N", "bf16", "fp8", "ours gemm", "ours layer", "gemm/bf16", "kernel"):
-            t.add_column(c, justify="right")
+        for c in GEMM_SHORT:
+            t.add_column(c, justify="left" if c in LEFT else "right")
         for r in result["gemm"]:
-            t.add_row(f"{r['M']}×{r['K']}×{r['N']}", *(f"{r[k]:.1f}" if k in r else "-" for k in
-                      ("bf16_tflops", "fp8_tflops", "w4a4_gemm_tflops", "layer_tflops")),
-                      f"{r['gemm_vs_bf16']:.2f}x" if "gemm_vs_bf16" in r else "-", r["kernel"])
+            t.add_row(*_gemm_cells(r))
         console.print(t)
     if result["transformers"]:
         t = Table(title="Transformer forward (batch 1)")
-        for c in ("model", "variant", "mode", "ms", "weights GiB", "peak GiB"):
-            t.add_column(c, justify="left" if c in ("model", "variant", "mode") else "right")
+        for c in FORWARD_COLUMNS:
+            t.add_column(c, justify="left" if c in LEFT else "right")
         for r in result["transformers"]:
-            if "skipped" in r:
-                t.add_row(r.get("model", ""), r["variant"], "skipped", r["skipped"][:40], "", "")
-                continue
-            t.add_row(r["model"], r["variant"], r["mode"], f"{r['ms_per_forward']:.1f}",
-                      f"{r['weight_bytes'] / 2**30:.2f}", f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else "-")
+            t.add_row(*_forward_cells(r))
         console.print(t)
     for tg in result["targets"]:
         console.print(f"target: {tg['target']}: {tg['value']:.3f} (goal {tg['goal']:.3f}) {_verdict(tg)}")
+
+
+LEFT = {"M×K×N", "model", "variant", "mode", "kernel", "target", "verdict"}
+
+
+def _md_table(columns, rows) -> list[str]:
+    rule = "|" + "|".join("---" if c in LEFT else "---:" for c in columns) + "|"
+    return ["| " + " | ".join(columns) + " |", rule] + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
 def markdown(result: dict) -> str:
@@ -349,36 +370,19 @@ def markdown(result: dict) -> str:
              f"torch {result['torch']}, {result['dtype']}; written by `benchmarks/gpu_bench.py` "
              f"(JSON beside this file). Ratios are measured in the same run.", ""]
     if result["gemm"]:
-        lines += ["## GEMM (TFLOP/s)", "", "| M×K×N | cuBLAS BF16 | cuBLAS FP8 | ours W4A4 GEMM | ours layer "
-                  "(act quant + GEMM) | GEMM / BF16 | kernel |", "|---|---:|---:|---:|---:|---:|---|"]
-        for r in result["gemm"]:
-            cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("bf16_tflops", "fp8_tflops", "w4a4_gemm_tflops",
-                                                                  "layer_tflops")]
-            ratio = f"{r['gemm_vs_bf16']:.2f}×" if "gemm_vs_bf16" in r else "-"
-            lines.append(f"| {r['M']}×{r['K']}×{r['N']} | " + " | ".join(cells) + f" | {ratio} | {r['kernel']} |")
-        lines.append("")
+        lines += ["## GEMM (TFLOP/s)", ""] + _md_table(GEMM_COLUMNS, map(_gemm_cells, result["gemm"]))
     if result["transformers"]:
-        lines += ["## Transformer forward, batch 1", "", "| model | variant | mode | ms | weights GiB | peak GiB |",
-                  "|---|---|---|---:|---:|---:|"]
-        for r in result["transformers"]:
-            if "skipped" in r:
-                lines.append(f"| {r.get('model', '')} | {r['variant']} | skipped | {r['skipped']} | | |")
-                continue
-            peak = f"{r['peak_bytes'] / 2**30:.2f}" if "peak_bytes" in r else "-"
-            lines.append(f"| {r['model']} | {r['variant']} | {r['mode']} | {r['ms_per_forward']:.1f} | "
-                         f"{r['weight_bytes'] / 2**30:.2f} | {peak} |")
-        lines.append("")
+        lines += ["## Transformer forward, batch 1", ""] + _md_table(FORWARD_COLUMNS,
+                                                                    map(_forward_cells, result["transformers"]))
     if result["targets"]:
-        lines += ["## Targets (issue #4)", "", "| target | value | goal | verdict |", "|---|---:|---:|---|"]
-        for t in result["targets"]:
-            lines.append(f"| {t['target']} | {t['value']:.3f} | {t['goal']:.3f} | {_verdict(t)} |")
-        lines.append("")
+        lines += ["## Targets (issue #4)", ""] + _md_table(
+            ("target", "value", "goal", "verdict"),
+            ([t["target"], f"{t['value']:.3f}", f"{t['goal']:.3f}", _verdict(t)] for t in result["targets"]))
     for r in result["transformers"]:
         if r.get("profile"):
-            lines += [f"## Profile: {r['model']} {r['variant']} eager, one forward", "",
-                      "| kernel | calls | ms | share |", "|---|---:|---:|---:|"]
-            lines += [f"| `{p['name']}` | {p['calls']} | {p['ms']:.2f} | {p['share'] * 100:.1f}% |" for p in r["profile"]]
-            lines.append("")
+            lines += [f"## Profile: {r['model']} {r['variant']} eager, one forward", ""] + _md_table(
+                ("kernel", "calls", "ms", "share"),
+                ([f"`{p['name']}`", str(p["calls"]), f"{p['ms']:.2f}", f"{p['share'] * 100:.1f}%"] for p in r["profile"]))
     if result.get("autotune"):
         lines += ["## Autotuner's choices", ""] + [f"- `{k}`: `{v}`" for k, v in result["autotune"].items()] + [""]
     return "\n".join(lines)
