@@ -100,10 +100,12 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
         if mode != "reference":
             from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
 
-            codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False)
+            fmt = mode if mode in ("fp8", "int8") else "packed"  # as the layer runs it (ops.w4a4_linear)
+            codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt)
             row["w4a4_gemm_ms"] = timed(lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low,
                                                           layer.proj_up, layer.bias, dtype, mode), device, iters)
-            row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False), device, iters)
+            row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt),
+                                        device, iters)
         row["layer_ms"] = timed(lambda: layer(x), device, iters)
         for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
             if f"{key}_ms" in row:

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from pipeline.kernels.dispatch import kernel_mode  # noqa: E402
-from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm  # noqa: E402
+from pipeline.kernels.triton_w4a4 import natural_order, quantize_act, w4a4_gemm  # noqa: E402
 from pipeline.quantization import numerics as nx  # noqa: E402
 from pipeline.quantization.quantizer import ActStats, svdquant_linear  # noqa: E402
 
@@ -64,6 +64,26 @@ def test_activation_kernel_matches_reference_exactly(m, k, n, rank, precision, u
     assert torch.allclose(low, shifted.float() @ layer.proj_down.float(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt,dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_activation_codes_one_per_byte_in_the_dot_type(fmt, dtype, unsigned):
+    """INT4 codes for the GEMM's tensor cores: one per byte, each group's evens then odds, same values."""
+    layer, x = make_layer(17, 192, 32, 16, unsigned)
+    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, codes=fmt,
+                                      block_m=16)
+    packed, scales_p, low_p = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, block_m=16)
+    _, (ref_codes, ref_scales) = reference_act(layer, x)
+    assert codes.dtype == dtype and codes.shape == (17, 192)
+    assert torch.equal(natural_order(codes), ref_codes.to(torch.int8))
+    assert torch.equal(codes[:, 32:64].float(), ref_codes[:, 1:64:2].float())  # group 0's odd codes
+    assert torch.equal(scales, ref_scales) and torch.equal(scales, scales_p) and torch.equal(low, low_p)
+    with pytest.raises(ValueError, match="packed two per byte"):
+        quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, "nvfp4", codes=fmt)
+    other = "int8" if fmt == "fp8" else "fp8"
+    with pytest.raises(ValueError, match=f"do not feed dot '{other}'"):
+        w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, None, torch.float32, other)
+
+
 def test_nvfp4_activation_rounding_at_ties_and_subnormal_scales():
     """E2M1 ties go to the even code, E4M3 scale ties to the even mantissa, tiny scales are subnormal."""
     row = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -1.75, -5.0, 0.1, -6.0, 4.9, 0.0, 2.9])
@@ -83,33 +103,31 @@ def test_nvfp4_activation_rounding_at_ties_and_subnormal_scales():
 def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, dtype):
     layer, x = make_layer(m, k, n, rank, unsigned, precision)
     x = x.to(dtype)
+    fmt = dot if precision == "int4" and m % 2 else "packed"  # activation codes in both formats
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
-                                      block_m=16)
+                                      block_m=16, codes=fmt)
     gpi = 2 if (k // nx.group_size(precision)) % 2 == 0 and m > 30 else 1  # odd group counts run GPI=1
     y = w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias, dtype, dot,
-                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, lag=m % 2 if gpi == 1 else 0,
-                  gpi=gpi)
+                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, gpi=gpi)
     ref = layer.reference_forward(x)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # fp32 accumulation order + output rounding
     assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < tol
 
 
-@pytest.mark.parametrize("lag,gpi", [(0, 1), (1, 1), (0, 2)])
-def test_gemm_is_exact_in_fp32_whatever_the_tiles(lag, gpi):
-    """Group products are exact and groups are added in K order: tiles, lag and gpi change no bit in fp32."""
+@pytest.mark.parametrize("gpi", [1, 2])
+def test_gemm_is_exact_in_fp32_whatever_the_tiles(gpi):
+    """Group products are exact and groups are added in K order: tiles and gpi change no bit in fp32."""
     layer, x = make_layer(37, 256, 72, 0, False)
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, block_m=16)
     args = (codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, None, torch.float32)
-    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, lag=lag, gpi=gpi)
+    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, gpi=gpi)
     b = w4a4_gemm(*args, "int8", block_m=32, block_n=64)
     ref = nx.w4a4_matmul(nx.unpack_nibbles(codes, True), scales, layer.qweight, layer.wscales, "int4")
     if DEVICE.type == "cpu":
         assert torch.equal(a, b) and torch.equal(a, ref)
         with pytest.raises(ValueError, match="multiple of it"):
             w4a4_gemm(*args, "fp8", block_m=16, block_n=16, gpi=3)
-        with pytest.raises(ValueError, match="lag=1 with gpi=1 only"):
-            w4a4_gemm(*args, "fp8", block_m=16, block_n=16, lag=1, gpi=2)
     else:  # a GPU may fuse the scale multiply-add into one FMA (one rounding instead of two)
         assert torch.allclose(a, ref, rtol=1e-6, atol=1e-6) and torch.allclose(b, ref, rtol=1e-6, atol=1e-6)
 
@@ -132,10 +150,9 @@ def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monke
     assert explain.graph_break_count == 0, explain.break_reasons
 
 
-def test_autotune_candidates_keep_k_order_and_fit_the_group_count():
+def test_autotune_candidates_fit_the_group_count():
     from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
 
-    assert not any(c.kwargs["LAG"] and c.kwargs["GPI"] == 2 for c in GEMM_CONFIGS)
     odd = _prune(GEMM_CONFIGS, {}, K=192, G=64)  # 3 groups
     assert odd and all(c.kwargs["GPI"] == 1 for c in odd)
     assert len(_prune(GEMM_CONFIGS, {}, K=3072, G=64)) == len(GEMM_CONFIGS)

@@ -19,7 +19,8 @@ def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tens
     from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
 
     precision = "nvfp4" if dot == "fp16" else "int4"
-    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision)
+    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision,
+                                      codes="packed" if precision == "nvfp4" else dot)
     return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
                      wcscales)
 

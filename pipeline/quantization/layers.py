@@ -37,7 +37,9 @@ class SVDQW4A4Linear(nn.Module):
         self.ckpt_name = ckpt_name
         self.rows = rows or (0, self.out_features)
         self.register_buffer("packed_codes", nx.pack_nibbles(qweight))
-        self.register_buffer("wscales", wscales)
+        # (N, K/G) values held group-major (as Nunchaku files store them): the GEMM reads each group's
+        # scales contiguously without a per-call transpose
+        self.register_buffer("wscales", wscales.t().contiguous().t())
         self.register_buffer("smooth", smooth)
         self.register_buffer("smooth_orig", smooth if smooth_orig is None else smooth_orig)
         self.register_buffer("proj_down", proj_down)
