@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter: must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pipeline.cli  # noqa: E402,F401  (registers the schema and the slug resolver)
 from pipeline.cli import CONF_DIR  # noqa: E402

@@ -1,0 +1,186 @@
+"""Static report of the W4A4 GEMM kernel as compiled for a GPU, made without one.
+
+Triton compiles ahead of time for any target (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`)
+and ships ptxas and nvdisasm, so on a CPU machine we can still see, per autotune config and GPU
+architecture: registers, spills, shared memory, how many CTAs fit on an SM, whether the operand
+loads are asynchronous (cp.async) and whether the tensor-core MMAs are waited on at once, and the
+SASS instructions one thread issues per 64-wide K group. From those an issue model bounds the
+fraction of tensor-core peak the config can reach:
+
+    MMA clocks per group and CTA   = BLOCK_M · BLOCK_N · G / (MACs per clock per SM)
+    issue clocks per group and CTA = instructions per thread · warps / 4 (four schedulers per SM)
+    with c CTAs per SM: fraction   = c · MMA / max(c · MMA, c · issue, MMA + issue)
+
+(MMA + issue: a CTA's MMAs are waited on before its rescale, so one CTA alone cannot overlap them;
+other CTAs on the SM can.) It ignores memory stalls, so it is an upper bound, not a measurement:
+`gpu_bench.py` measures. Usage: python benchmarks/kernel_static.py [--targets 90:fp8 80:int8] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from pipeline.kernels import triton_w4a4 as kw  # noqa: E402
+
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+# Dense tensor-core MACs per clock per SM, by (compute capability, dot type).
+MACS_PER_CLOCK = {(90, "fp8"): 4096, (90, "int8"): 4096, (90, "fp16"): 2048,
+                  (89, "fp8"): 1024, (89, "int8"): 1024, (89, "fp16"): 512,
+                  (80, "int8"): 2048, (80, "fp16"): 1024}
+REGS_PER_SM, SMEM_PER_SM, WARPS_PER_SM = 65536, {90: 232448, 89: 101376, 80: 167936}, {90: 64, 89: 48, 80: 64}
+# The kernel's pointer and integer arguments, as the JIT would specialise them for 16-byte aligned
+# tensors (M is not assumed to be a multiple of 16: token counts are ragged).
+_ARGS = [("a_ptr", None), ("as_ptr", "*bf16"), ("w_ptr", "*u8"), ("ws_ptr", None), ("low_ptr", "*fp32"),
+         ("up_ptr", "*bf16"), ("bias_ptr", "*bf16"), ("wt_ptr", "*fp32"), ("wc_ptr", "*bf16"),
+         ("out_ptr", "*bf16"), ("M", "i32"), ("N", "i32")]
+
+
+@dataclass
+class Report:
+    config_index: int  # position in GEMM_CONFIGS
+    arch: int
+    dot: str
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    ctas_per_sm: int
+    async_loads: int
+    mma_waits_at_once: bool
+    instructions_per_group: float
+    est_peak_fraction: float
+    mma_instructions: dict
+    top_instructions: dict
+
+
+def compile_gemm(arch: int, dot: str, config: triton.Config, k: int = 3072, rank: int = 32):
+    """The GEMM compiled for sm_<arch>: Triton's CompiledKernel (PTX, TTGIR, cubin, metadata)."""
+    fp4 = dot == "fp16"
+    a_type = {"fp8": "*fp8e4nv", "int8": "*i8", "fp16": "*u8"}[dot]
+    types = dict(_ARGS, a_ptr=a_type, ws_ptr="*u8" if fp4 else "*bf16")
+    const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
+                 G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=max(16, triton.next_power_of_2(rank)),
+                 A_BYTES=not fp4, ASM=True, **config.kwargs)
+    signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(_ARGS) if name != "M"}
+    src = ASTSource(fn=kw._w4a4_gemm_kernel, signature=signature, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
+    """The activation kernel compiled for sm_<arch>, writing codes as `codes` ("packed" | "fp8" | "int8")."""
+    fmt = kw.CODE_FORMATS[codes][0]
+    out_type = {0: "*u8", 1: "*fp8e4nv", 2: "*i8"}[fmt]
+    args = [("x_ptr", "*bf16"), ("smooth_ptr", "*bf16"), ("down_ptr", "*bf16"), ("codes_ptr", out_type),
+            ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("shift", "fp32")]
+    const = dict(K=k, R=rank, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=fmt, BLOCK_M=32,
+                 BLOCK_R=max(16, triton.next_power_of_2(rank)))
+    signature = {**dict(args), **{name: "constexpr" for name in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
+    src = ASTSource(fn=kw._quantize_act_kernel, signature=signature, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        Path(src).write_text(ptx)
+        arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        log = subprocess.run([str(NVIDIA_BIN / "ptxas"), f"-arch={arch_name}", "-v", src, "-o", out],
+                             capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Used (\d+) registers", log).group(1)), int(re.search(r"(\d+) bytes spill stores", log).group(1))
+
+
+def main_loop_instructions(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the longest loop that issues tensor-core MMAs (the K loop), one thread's view."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(NVIDIA_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    lines, labels = [], {}
+    for line in text.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(lines)
+        ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if ins:
+            lines.append(ins.group(1))
+    body: list[str] = []
+    for i, ins in enumerate(lines):
+        target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", ins)
+        if target and labels.get(target.group(1), i + 1) <= i:
+            loop = lines[labels[target.group(1)]:i + 1]
+            if any("MMA" in x for x in loop) and len(loop) > len(body):
+                body = loop
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
+
+
+def analyse(arch: int, dot: str, index: int) -> Report:
+    config = kw.GEMM_CONFIGS[index]
+    ck = compile_gemm(arch, dot, config)
+    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
+    ops = main_loop_instructions(ck.asm["cubin"])
+    c = config.kwargs
+    per_group = sum(ops.values()) / c["GPI"]
+    warps = config.num_warps
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    ctas = min(REGS_PER_SM // (regs_per_warp * warps), SMEM_PER_SM[arch] // (ck.metadata.shared + 1024),
+               WARPS_PER_SM[arch] // warps)
+    group = kw.NVFP4_GROUP if dot == "fp16" else kw.INT4_GROUP
+    mma = c["BLOCK_M"] * c["BLOCK_N"] * group / MACS_PER_CLOCK[(arch, dot)]
+    issue = per_group * warps / 4
+    fraction = ctas * mma / max(ctas * mma, ctas * issue, mma + issue) if ctas else 0.0
+    ttgir = ck.asm["ttgir"]
+    waits = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", ttgir)]
+    name = (f"{c['BLOCK_M']}x{c['BLOCK_N']} w{warps} s{config.num_stages}"
+            + (" gpi2" if c["GPI"] == 2 else ""))
+    return Report(index, arch, dot, name, regs, spills, ck.metadata.shared, ctas,
+                  ttgir.count("async_copy_global_to_local"), bool(waits) and max(waits) == 0,
+                  round(per_group, 1), round(fraction, 3), {op: n for op, n in ops.items() if "MMA" in op},
+                  dict(ops.most_common(8)))
+
+
+# What dispatch runs where: INT4 on FP8 (sm_89+) or INT8 (sm_75-86) tensor cores, NVFP4 emulated on FP16.
+TARGETS = ["90:fp8", "90:fp16", "80:int8", "80:fp16"]
+
+
+def main(argv=None) -> list[Report]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", nargs="+", default=TARGETS, help="arch:dot pairs, e.g. 90:fp8 89:fp8 80:int8")
+    ap.add_argument("--configs", type=int, default=None, help="only the first N autotune configs")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    targets = [(int(t.split(":")[0]), t.split(":")[1]) for t in args.targets]
+    reports = [analyse(arch, dot, i) for arch, dot in targets for i in range(len(kw.GEMM_CONFIGS[:args.configs]))]
+    header = f"{'arch':>5} {'dot':>5} {'config':<22} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} " \
+             f"{'instr/group':>11} {'est. of peak':>12}"
+    print(header)
+    for r in reports:
+        print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<22} {r.registers:>4} {r.spill_bytes:>5} "
+              f"{r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} {r.instructions_per_group:>11.0f} "
+              f"{r.est_peak_fraction:>12.0%}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1))
+    return reports
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The GPU kernels compile for the GPUs dispatch sends them to, checked on CPU with Triton's AOT compiler.
+
+GPU tests only run where a GPU is lent; this catches what would break there first (a dot type a
+target lacks, PTX ptxas rejects, shared memory over budget, register spills in an autotune config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "static.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
+    r = subprocess.run([sys.executable, "benchmarks/kernel_static.py", "--targets", "90:fp8", "80:int8",
+                        "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "instr/group" in r.stdout  # the table
+    return json.loads(out.read_text())
+
+
+def test_every_autotune_config_compiles_for_hopper_and_ampere_and_none_kept_spills(report):
+    from pipeline.kernels.triton_w4a4 import DOTS, GEMM_CONFIGS, _prune
+
+    assert len(report) == 2 * len(GEMM_CONFIGS)
+    for r in report:
+        where = f"sm_{r['arch']} {r['dot']} {r['config']}"
+        assert r["ctas_per_sm"] >= 1 and 0 < r["shared_bytes"] <= 227 * 1024, where
+        assert r["async_loads"] > 0, f"{where}: operand loads are not pipelined"
+        assert r["instructions_per_group"] > 0 and 0 < r["est_peak_fraction"] <= 1, where
+        kept = _prune([GEMM_CONFIGS[r["config_index"]]], {}, K=3072, G=64, DOT=DOTS[r["dot"]])
+        assert not kept or r["spill_bytes"] == 0, f"{where} spills {r['spill_bytes']} bytes: prune it"
+    for dot in ("fp8", "int8"):
+        assert len(_prune(GEMM_CONFIGS, {}, K=3072, G=64, DOT=DOTS[dot])) >= 4  # the autotuner keeps a choice
+
+
+def test_hopper_runs_fp8_wgmma_and_ampere_int8_mma(report):
+    for r in report:
+        expected = {90: "QGMMA", 80: "IMMA"}[r["arch"]]  # FP8 warpgroup MMA; INT8 mma.sync
+        assert set(r["mma_instructions"]) == {expected}, (r["config"], r["mma_instructions"])
+        if r["arch"] == 90:
+            assert "I2F" not in r["top_instructions"]  # codes become FP8 by bit ops, not int->float conversions
+
+
+def _compile_in_subprocess(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_activation_kernel_compiles_for_each_code_format_and_target():
+    out = _compile_in_subprocess(
+        "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
+        "for arch, codes in [(90, 'fp8'), (90, 'packed'), (80, 'int8')]:\n"
+        "    ck = ks.compile_quantize(arch, codes)\n"
+        "    print(arch, codes, ks._ptxas_usage(ck.asm['ptx'], arch)[1], 'st.global' in ck.asm['ptx'])\n")
+    rows = [line.split() for line in out.strip().splitlines()]
+    assert [r[:2] for r in rows] == [["90", "fp8"], ["90", "packed"], ["80", "int8"]]
+    assert all(r[2] == "0" and r[3] == "True" for r in rows)  # no spills; the codes are stored
