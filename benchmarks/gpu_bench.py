@@ -98,9 +98,9 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
         mode = kernel_mode(device, "int4")
         row["kernel"] = mode
         if mode != "reference":
-            from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
+            from pipeline.kernels.triton_w4a4 import act_code_format, quantize_act, w4a4_gemm
 
-            fmt = mode if mode in ("fp8", "int8") else "packed"  # as the layer runs it (ops.w4a4_linear)
+            fmt = act_code_format(mode)  # as the layer runs it (ops.w4a4_linear)
             codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt)
             row["w4a4_gemm_ms"] = timed(lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low,
                                                           layer.proj_up, layer.bias, dtype, mode), device, iters)

@@ -43,6 +43,7 @@ MACS_PER_CLOCK = {(90, "fp8"): 4096, (90, "int8"): 4096, (90, "fp16"): 2048,
                   (89, "fp8"): 1024, (89, "int8"): 1024, (89, "fp16"): 512,
                   (80, "int8"): 2048, (80, "fp16"): 1024}
 REGS_PER_SM, SMEM_PER_SM, WARPS_PER_SM = 65536, {90: 232448, 89: 101376, 80: 167936}, {90: 64, 89: 48, 80: 64}
+_CODE_POINTER = {"packed": "*u8", "fp8": "*fp8e4nv", "int8": "*i8"}  # Triton pointer type per code format
 # The kernel's pointer and integer arguments, as the JIT would specialise them for 16-byte aligned
 # tensors (M is not assumed to be a multiple of 16: token counts are ragged).
 _ARGS = [("a_ptr", None), ("as_ptr", "*bf16"), ("w_ptr", "*u8"), ("ws_ptr", None), ("low_ptr", "*fp32"),
@@ -71,11 +72,11 @@ class Report:
 def compile_gemm(arch: int, dot: str, config: triton.Config, k: int = 3072, rank: int = 32):
     """The GEMM compiled for sm_<arch>: Triton's CompiledKernel (PTX, TTGIR, cubin, metadata)."""
     fp4 = dot == "fp16"
-    a_type = {"fp8": "*fp8e4nv", "int8": "*i8", "fp16": "*u8"}[dot]
-    types = dict(_ARGS, a_ptr=a_type, ws_ptr="*u8" if fp4 else "*bf16")
+    codes = kw.act_code_format(dot)  # activation codes as the layer feeds them
+    types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16")
     const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
-                 G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=max(16, triton.next_power_of_2(rank)),
-                 A_BYTES=not fp4, ASM=True, **config.kwargs)
+                 G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=kw._pow2(rank),
+                 A_BYTES=codes != "packed", ASM=True, **config.kwargs)
     signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(_ARGS) if name != "M"}
     src = ASTSource(fn=kw._w4a4_gemm_kernel, signature=signature, constexprs=const, attrs=attrs)
@@ -85,12 +86,10 @@ def compile_gemm(arch: int, dot: str, config: triton.Config, k: int = 3072, rank
 
 def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
     """The activation kernel compiled for sm_<arch>, writing codes as `codes` ("packed" | "fp8" | "int8")."""
-    fmt = kw.CODE_FORMATS[codes][0]
-    out_type = {0: "*u8", 1: "*fp8e4nv", 2: "*i8"}[fmt]
-    args = [("x_ptr", "*bf16"), ("smooth_ptr", "*bf16"), ("down_ptr", "*bf16"), ("codes_ptr", out_type),
+    args = [("x_ptr", "*bf16"), ("smooth_ptr", "*bf16"), ("down_ptr", "*bf16"), ("codes_ptr", _CODE_POINTER[codes]),
             ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("shift", "fp32")]
-    const = dict(K=k, R=rank, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=fmt, BLOCK_M=32,
-                 BLOCK_R=max(16, triton.next_power_of_2(rank)))
+    const = dict(K=k, R=rank, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=kw.CODE_FORMATS[codes][0],
+                 BLOCK_M=32, BLOCK_R=kw._pow2(rank))
     signature = {**dict(args), **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
     src = ASTSource(fn=kw._quantize_act_kernel, signature=signature, constexprs=const, attrs=attrs)
@@ -98,6 +97,7 @@ def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) from ptxas -v: Triton keeps no log of its own ptxas run without a driver."""
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         Path(src).write_text(ptx)

@@ -2,18 +2,15 @@
 
 The interpreter rounds fp32->bf16 by truncation (GPUs round to nearest even), so CPU checks use
 fp32 and fp16, where both are exact; bf16 is checked on a GPU. On a GPU the same tests run the
-compiled kernels with the autotuner's tiles (the block sizes passed here apply to the interpreter).
+compiled kernels with the autotuner's tiles (the block sizes passed here apply to the interpreter,
+which conftest.py switches on without CUDA).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from pipeline.kernels.dispatch import kernel_mode  # noqa: E402

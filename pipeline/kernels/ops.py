@@ -16,11 +16,10 @@ def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tens
 
     dot "fp8" | "int8" runs INT4, "fp16" runs NVFP4 (emulated); see pipeline/kernels/dispatch.py.
     """
-    from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
+    from pipeline.kernels.triton_w4a4 import act_code_format, quantize_act, w4a4_gemm
 
     precision = "nvfp4" if dot == "fp16" else "int4"
-    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision,
-                                      codes="packed" if precision == "nvfp4" else dot)
+    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision, codes=act_code_format(dot))
     return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
                      wcscales)
 

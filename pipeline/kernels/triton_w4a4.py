@@ -128,13 +128,9 @@ _F8_ASM_UNSIGNED = tl.constexpr(_F8_ASM.format(flip="0x00000000", bias="0x640064
 @triton.jit
 def _nibbles_f8_asm(packed, SIGNED: tl.constexpr):
     """_nibbles_f8 on a GPU: the same arithmetic on 32-bit words of four packed bytes."""
-    if SIGNED:
-        out = tl.inline_asm_elementwise(_F8_ASM_SIGNED, "=r,=r,r", [packed], dtype=(tl.float8e4nv, tl.float8e4nv),
-                                        is_pure=True, pack=4)
-    else:
-        out = tl.inline_asm_elementwise(_F8_ASM_UNSIGNED, "=r,=r,r", [packed],
-                                        dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True, pack=4)
-    return out
+    asm: tl.constexpr = _F8_ASM_SIGNED if SIGNED else _F8_ASM_UNSIGNED
+    return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=(tl.float8e4nv, tl.float8e4nv), is_pure=True,
+                                     pack=4)
 
 
 @triton.jit
@@ -201,14 +197,12 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
             packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
             tl.store(codes_ptr + rows[:, None] * (K // 2) + (g * (G // 2) + half)[None, :], packed,
                      mask=row_ok[:, None])
-        else:  # one per byte, in the dot's type, each group as its even codes then its odd codes
+        else:  # one per byte, in the dot's type (fp8 or int8), each group as its even codes then its odd codes
+            if CODES == 1:  # int -> fp8 goes through fp16 (exact for 4-bit codes)
+                lo, hi = lo.to(tl.float16), hi.to(tl.float16)
             at = codes_ptr + rows[:, None] * K + (g * G + half)[None, :]
-            if CODES == 1:
-                tl.store(at, lo.to(tl.float16).to(tl.float8e4nv), mask=row_ok[:, None])
-                tl.store(at + G // 2, hi.to(tl.float16).to(tl.float8e4nv), mask=row_ok[:, None])
-            else:
-                tl.store(at, lo.to(tl.int8), mask=row_ok[:, None])
-                tl.store(at + G // 2, hi.to(tl.int8), mask=row_ok[:, None])
+            tl.store(at, lo.to(codes_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(at + G // 2, hi.to(codes_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(low_ptr + rows[:, None] * R + rr[None, :], low, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
@@ -246,10 +240,14 @@ def _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT: tl.constexpr, SIGNED_A: tl.c
 
 
 @triton.jit
-def _weight_scales(ws_ptr, offs, col_ok, DOT: tl.constexpr):
-    if DOT == 2:  # NVFP4: E4M3 bytes
-        return _e4m3_decode(tl.load(ws_ptr + offs, mask=col_ok, other=0))
-    return tl.load(ws_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
+def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT: tl.constexpr):
+    """s_a · s_w of K group g for the tile, (BLOCK_M, BLOCK_N) fp32; scales are stored group-major."""
+    sa = tl.load(as_ptr + g * M + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if DOT == 2:  # NVFP4 weight scales: E4M3 bytes
+        sw = _e4m3_decode(tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0))
+    else:
+        sw = tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return sa[:, None] * sw[None, :]
 
 
 @triton.jit
@@ -284,13 +282,9 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
         if GPI == 2:
             part2 = _group_dot(a_ptrs + A_STEP, w_ptrs + G // 2, row_ok, col_ok, DOT, SIGNED_A, A_BYTES, ASM,
                                BLOCK_M, BLOCK_N, G)
-        sa = tl.load(as_ptr + g * M + rows, mask=row_ok, other=0.0).to(tl.float32)
-        sw = _weight_scales(ws_ptr, g * N + cols, col_ok, DOT)
-        acc += part * (sa[:, None] * sw[None, :])
+        acc += part * _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT)
         if GPI == 2:
-            sa2 = tl.load(as_ptr + (g + 1) * M + rows, mask=row_ok, other=0.0).to(tl.float32)
-            sw2 = _weight_scales(ws_ptr, (g + 1) * N + cols, col_ok, DOT)
-            acc += part2 * (sa2[:, None] * sw2[None, :])
+            acc += part2 * _group_scales(as_ptr, ws_ptr, g + 1, M, N, rows, cols, row_ok, col_ok, DOT)
         a_ptrs += GPI * A_STEP
         w_ptrs += GPI * (G // 2)
     if DOT == 2:
@@ -317,7 +311,7 @@ def _config(bm, bn, warps, stages, gpi=1):
 # the ones that spill registers for a dot type (benchmarks/kernel_static.py; a CPU test checks it).
 _TILES = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4)]
 GEMM_CONFIGS = [_config(*t) for t in _TILES] + [_config(*t, gpi=2) for t in _TILES[1:4]]
-_SPILLS = {DOTS["int8"]: {(64, 128, 4, 1), (64, 128, 4, 2), (256, 64, 8, 2)}}  # (BLOCK_M, BLOCK_N, warps, GPI)
+_SPILLS = {DOTS["int8"]: {(64, 128, 4, 1), (64, 128, 4, 2)}}  # (BLOCK_M, BLOCK_N, warps, GPI)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -341,6 +335,11 @@ def _pow2(n: int) -> int:
 
 
 CODE_FORMATS = {"packed": (0, torch.uint8), "fp8": (1, torch.float8_e4m3fn), "int8": (2, torch.int8)}
+
+
+def act_code_format(dot: str) -> str:
+    """The activation code format a layer quantizes to for a dot type: one per byte for INT4, packed for NVFP4."""
+    return dot if dot in CODE_FORMATS else "packed"
 
 
 def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor, shift: float, unsigned: bool,
