@@ -98,7 +98,8 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
         mode = kernel_mode(device, "int4")
         row["kernel"] = mode
         if mode != "reference":
-            from pipeline.kernels.triton_w4a4 import act_code_format, quantize_act, w4a4_gemm
+            from pipeline.kernels.triton_w4a4 import (act_code_format, device_arch, quantize_act, scale_mma_default,
+                                                      w4a4_gemm)
 
             fmt = act_code_format(mode)  # as the layer runs it (ops.w4a4_linear)
             codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt)
@@ -106,6 +107,11 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
                                                           layer.proj_up, layer.bias, dtype, mode), device, iters)
             row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt),
                                         device, iters)
+            # the other way of forming s_a ⊗ s_w (tensor cores vs FP32), so a run shows which default pays
+            row["scale_mma"] = scale_mma_default(mode, device_arch(device), scales.dtype, layer.wscales.dtype)
+            row["w4a4_gemm_other_scale_ms"] = timed(
+                lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
+                                  dtype, mode, scale_mma=not row["scale_mma"]), device, iters)
         row["layer_ms"] = timed(lambda: layer(x), device, iters)
         for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
             if f"{key}_ms" in row:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -57,8 +58,10 @@ class Report:
     arch: int
     dot: str
     config: str
+    scale_mma: bool  # s_a ⊗ s_w formed on the tensor cores (else FP32 multiplies)
     registers: int
-    spill_bytes: int
+    spill_bytes: int  # anywhere in the kernel (ptxas -v)
+    loop_spills: int  # local-memory loads/stores in the K loop, where they cost every group
     shared_bytes: int
     ctas_per_sm: int
     async_loads: int
@@ -69,14 +72,19 @@ class Report:
     top_instructions: dict
 
 
-def compile_gemm(arch: int, dot: str, config: triton.Config, k: int = 3072, rank: int = 32):
-    """The GEMM compiled for sm_<arch>: Triton's CompiledKernel (PTX, TTGIR, cubin, metadata)."""
+def compile_gemm(arch: int, dot: str, config: triton.Config, k: int = 3072, rank: int = 32, scale_mma=None):
+    """The GEMM compiled for sm_<arch> (bf16 model): Triton's CompiledKernel (PTX, TTGIR, cubin, metadata).
+
+    scale_mma None: s_a ⊗ s_w formed where w4a4_gemm forms it for bf16 scales; True/False forces it.
+    """
     fp4 = dot == "fp16"
+    if scale_mma is None:
+        scale_mma = kw.scale_mma_default(dot, arch, torch.bfloat16, torch.bfloat16)
     codes = kw.act_code_format(dot)  # activation codes as the layer feeds them
     types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16")
     const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
                  G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=kw._pow2(rank),
-                 A_BYTES=codes != "packed", ASM=True, **config.kwargs)
+                 A_BYTES=codes != "packed", SCALE_MMA=scale_mma and not fp4, ON_GPU=True, **config.kwargs)
     signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(_ARGS) if name != "M"}
     src = ASTSource(fn=kw._w4a4_gemm_kernel, signature=signature, constexprs=const, attrs=attrs)
@@ -89,7 +97,7 @@ def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
     args = [("x_ptr", "*bf16"), ("smooth_ptr", "*bf16"), ("down_ptr", "*bf16"), ("codes_ptr", _CODE_POINTER[codes]),
             ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("shift", "fp32")]
     const = dict(K=k, R=rank, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=kw.CODE_FORMATS[codes][0],
-                 BLOCK_M=32, BLOCK_R=kw._pow2(rank))
+                 BLOCK_M=32, BLOCK_R=kw._pow2(rank), ON_GPU=True)
     signature = {**dict(args), **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
     src = ASTSource(fn=kw._quantize_act_kernel, signature=signature, constexprs=const, attrs=attrs)
@@ -132,26 +140,29 @@ def main_loop_instructions(cubin: bytes) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
 
 
-def analyse(arch: int, dot: str, index: int) -> Report:
+def analyse(arch: int, dot: str, index: int, scale_mma=None) -> Report:
     config = kw.GEMM_CONFIGS[index]
-    ck = compile_gemm(arch, dot, config)
+    if scale_mma is None:
+        scale_mma = kw.scale_mma_default(dot, arch, torch.bfloat16, torch.bfloat16)
+    on_mma = scale_mma and dot != "fp16"  # NVFP4 scales are fp32 and E4M3: always FP32 multiplies
+    ck = compile_gemm(arch, dot, config, scale_mma=on_mma)
     regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
     ops = main_loop_instructions(ck.asm["cubin"])
     c = config.kwargs
-    per_group = sum(ops.values()) / c["GPI"]
+    per_group = sum(ops.values())
     warps = config.num_warps
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     ctas = min(REGS_PER_SM // (regs_per_warp * warps), SMEM_PER_SM[arch] // (ck.metadata.shared + 1024),
                WARPS_PER_SM[arch] // warps)
     group = kw.NVFP4_GROUP if dot == "fp16" else kw.INT4_GROUP
     mma = c["BLOCK_M"] * c["BLOCK_N"] * group / MACS_PER_CLOCK[(arch, dot)]
+    tensor = mma + (c["BLOCK_M"] * c["BLOCK_N"] * 16 / MACS_PER_CLOCK[(arch, "fp16")] if on_mma else 0)
     issue = per_group * warps / 4
-    fraction = ctas * mma / max(ctas * mma, ctas * issue, mma + issue) if ctas else 0.0
+    fraction = ctas * mma / max(ctas * tensor, ctas * issue, tensor + issue) if ctas else 0.0
     ttgir = ck.asm["ttgir"]
     waits = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", ttgir)]
-    name = (f"{c['BLOCK_M']}x{c['BLOCK_N']} w{warps} s{config.num_stages}"
-            + (" gpi2" if c["GPI"] == 2 else ""))
-    return Report(index, arch, dot, name, regs, spills, ck.metadata.shared, ctas,
+    name = f"{c['BLOCK_M']}x{c['BLOCK_N']} w{warps} s{config.num_stages}"
+    return Report(index, arch, dot, name, on_mma, regs, spills, ops["LDL"] + ops["STL"], ck.metadata.shared, ctas,
                   ttgir.count("async_copy_global_to_local"), bool(waits) and max(waits) == 0,
                   round(per_group, 1), round(fraction, 3), {op: n for op, n in ops.items() if "MMA" in op},
                   dict(ops.most_common(8)))
@@ -165,17 +176,21 @@ def main(argv=None) -> list[Report]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--targets", nargs="+", default=TARGETS, help="arch:dot pairs, e.g. 90:fp8 89:fp8 80:int8")
     ap.add_argument("--configs", type=int, default=None, help="only the first N autotune configs")
+    ap.add_argument("--scale-mma", choices=["auto", "on", "off", "both"], default="auto",
+                    help="form s_a ⊗ s_w on the tensor cores: as w4a4_gemm does for bf16 (auto), always, never, or each")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     targets = [(int(t.split(":")[0]), t.split(":")[1]) for t in args.targets]
-    reports = [analyse(arch, dot, i) for arch, dot in targets for i in range(len(kw.GEMM_CONFIGS[:args.configs]))]
-    header = f"{'arch':>5} {'dot':>5} {'config':<22} {'regs':>4} {'spill':>5} {'smem KB':>7} {'CTA/SM':>6} " \
-             f"{'instr/group':>11} {'est. of peak':>12}"
+    modes = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.scale_mma]
+    reports = [analyse(arch, dot, i, mode) for arch, dot in targets for i in range(len(kw.GEMM_CONFIGS[:args.configs]))
+               for mode in modes]
+    header = f"{'arch':>5} {'dot':>5} {'config':<16} {'sa⊗sw':>5} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
+             f"{'CTA/SM':>6} {'instr/group':>11} {'est. of peak':>12}"
     print(header)
     for r in reports:
-        print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<22} {r.registers:>4} {r.spill_bytes:>5} "
-              f"{r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} {r.instructions_per_group:>11.0f} "
-              f"{r.est_peak_fraction:>12.0%}")
+        print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<16} {'MMA' if r.scale_mma else 'FP32':>5} "
+              f"{r.registers:>4} {r.spill_bytes:>5} {r.loop_spills:>7} {r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} "
+              f"{r.instructions_per_group:>11.0f} {r.est_peak_fraction:>12.0%}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1))

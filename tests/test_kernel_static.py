@@ -22,34 +22,35 @@ pytest.importorskip("triton")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "static.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    r = subprocess.run([sys.executable, "benchmarks/kernel_static.py", "--targets", "90:fp8", "80:int8",
+    r = subprocess.run([sys.executable, "benchmarks/kernel_static.py", "--targets", "90:fp8", "89:fp8", "80:int8",
                         "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "instr/group" in r.stdout  # the table
     return json.loads(out.read_text())
 
 
-def test_every_autotune_config_compiles_for_hopper_and_ampere_and_none_kept_spills(report):
-    from pipeline.kernels.triton_w4a4 import DOTS, GEMM_CONFIGS, _prune
+def test_every_autotune_config_compiles_for_hopper_ada_and_ampere_without_spills_in_the_k_loop(report):
+    from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS
 
-    assert len(report) == 2 * len(GEMM_CONFIGS)
+    assert len(report) == 3 * len(GEMM_CONFIGS)
     for r in report:
         where = f"sm_{r['arch']} {r['dot']} {r['config']}"
         assert r["ctas_per_sm"] >= 1 and 0 < r["shared_bytes"] <= 227 * 1024, where
         assert r["async_loads"] > 0, f"{where}: operand loads are not pipelined"
         assert r["instructions_per_group"] > 0 and 0 < r["est_peak_fraction"] <= 1, where
-        kept = _prune([GEMM_CONFIGS[r["config_index"]]], {}, K=3072, G=64, DOT=DOTS[r["dot"]])
-        assert not kept or r["spill_bytes"] == 0, f"{where} spills {r['spill_bytes']} bytes: prune it"
-    for dot in ("fp8", "int8"):
-        assert len(_prune(GEMM_CONFIGS, {}, K=3072, G=64, DOT=DOTS[dot])) >= 4  # the autotuner keeps a choice
+        # a few spilled bytes around the epilogue cost once per tile; in the K loop they cost every group
+        assert r["loop_spills"] == 0, f"{where}: {r['loop_spills']} local loads/stores per K group"
+        assert r["spill_bytes"] <= 256, f"{where} spills {r['spill_bytes']} bytes"
 
 
-def test_hopper_runs_fp8_wgmma_and_ampere_int8_mma(report):
+def test_hopper_runs_fp8_wgmma_ada_fp8_and_ampere_int8_mma_sync(report):
     for r in report:
-        expected = {90: "QGMMA", 80: "IMMA"}[r["arch"]]  # FP8 warpgroup MMA; INT8 mma.sync
-        assert set(r["mma_instructions"]) == {expected}, (r["config"], r["mma_instructions"])
-        if r["arch"] == 90:
-            assert "I2F" not in r["top_instructions"]  # codes become FP8 by bit ops, not int->float conversions
+        # Hopper: FP8 warpgroup MMAs, and the scale outer product on BF16 ones; Ada/Ampere: mma.sync, FP32 scales
+        expected = {90: {"QGMMA", "HGMMA"}, 89: {"QMMA"}, 80: {"IMMA"}}[r["arch"]]
+        assert set(r["mma_instructions"]) == expected, (r["config"], r["mma_instructions"])
+        assert r["scale_mma"] == (r["arch"] == 90)
+        # codes become FP8/INT8 by bit ops and INT32 sums fp32 by the MMA's addend, never by int<->float conversions
+        assert "I2F" not in r["top_instructions"] and "F2I" not in r["top_instructions"], r["top_instructions"]
 
 
 def _compile_in_subprocess(code: str) -> str:

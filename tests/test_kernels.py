@@ -64,7 +64,7 @@ def test_activation_kernel_matches_reference_exactly(m, k, n, rank, precision, u
 @pytest.mark.parametrize("fmt,dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_activation_codes_one_per_byte_in_the_dot_type(fmt, dtype, unsigned):
-    """INT4 codes for the GEMM's tensor cores: one per byte, each group's evens then odds, same values."""
+    """INT4 codes for the GEMM's tensor cores: one per byte, each 8 codes' evens then odds, same values."""
     layer, x = make_layer(17, 192, 32, 16, unsigned)
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, codes=fmt,
                                       block_m=16)
@@ -72,7 +72,8 @@ def test_activation_codes_one_per_byte_in_the_dot_type(fmt, dtype, unsigned):
     _, (ref_codes, ref_scales) = reference_act(layer, x)
     assert codes.dtype == dtype and codes.shape == (17, 192)
     assert torch.equal(natural_order(codes), ref_codes.to(torch.int8))
-    assert torch.equal(codes[:, 32:64].float(), ref_codes[:, 1:64:2].float())  # group 0's odd codes
+    assert torch.equal(codes[:, 4:8].float(), ref_codes[:, 1:8:2].float())  # codes 1, 3, 5, 7
+    assert torch.equal(codes[:, 72:76].float(), ref_codes[:, 72:80:2].float())  # codes 72, 74, 76, 78 (group 1)
     assert torch.equal(scales, ref_scales) and torch.equal(scales, scales_p) and torch.equal(low, low_p)
     with pytest.raises(ValueError, match="packed two per byte"):
         quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, "nvfp4", codes=fmt)
@@ -103,28 +104,30 @@ def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, 
     fmt = dot if precision == "int4" and m % 2 else "packed"  # activation codes in both formats
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
                                       block_m=16, codes=fmt)
-    gpi = 2 if (k // nx.group_size(precision)) % 2 == 0 and m > 30 else 1  # odd group counts run GPI=1
     y = w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias, dtype, dot,
-                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, gpi=gpi)
+                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, scale_mma=m < 30)
     ref = layer.reference_forward(x)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # fp32 accumulation order + output rounding
     assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()) < tol
 
 
-@pytest.mark.parametrize("gpi", [1, 2])
-def test_gemm_is_exact_in_fp32_whatever_the_tiles(gpi):
-    """Group products are exact and groups are added in K order: tiles and gpi change no bit in fp32."""
+@pytest.mark.parametrize("scale_mma", [False, True])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, None])
+def test_gemm_is_exact_in_fp32_whatever_the_tiles(scale_mma, scale_dtype):
+    """Group products and s_a·s_w are exact, groups are added in K order: tiles and where s_a ⊗ s_w is
+    formed (tensor cores for 16-bit scales of one dtype, else FP32) change no bit in fp32."""
     layer, x = make_layer(37, 256, 72, 0, False)
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, block_m=16)
-    args = (codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, None, torch.float32)
-    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, gpi=gpi)
-    b = w4a4_gemm(*args, "int8", block_m=32, block_n=64)
-    ref = nx.w4a4_matmul(nx.unpack_nibbles(codes, True), scales, layer.qweight, layer.wscales, "int4")
+    wscales = layer.wscales
+    if scale_dtype is not None:  # as a 16-bit model has them (scales of fp32 x and bf16 weights otherwise)
+        scales, wscales = scales.to(scale_dtype), wscales.to(scale_dtype)
+    args = (codes, scales, layer.packed_codes, wscales, low, layer.proj_up, None, torch.float32)
+    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, scale_mma=scale_mma)
+    b = w4a4_gemm(*args, "int8", block_m=32, block_n=64, scale_mma=not scale_mma)
+    ref = nx.w4a4_matmul(nx.unpack_nibbles(codes, True), scales, layer.qweight, wscales, "int4")
     if DEVICE.type == "cpu":
         assert torch.equal(a, b) and torch.equal(a, ref)
-        with pytest.raises(ValueError, match="multiple of it"):
-            w4a4_gemm(*args, "fp8", block_m=16, block_n=16, gpi=3)
     else:  # a GPU may fuse the scale multiply-add into one FMA (one rounding instead of two)
         assert torch.allclose(a, ref, rtol=1e-6, atol=1e-6) and torch.allclose(b, ref, rtol=1e-6, atol=1e-6)
 
@@ -145,14 +148,6 @@ def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monke
     assert kernel_mode(x.device, "int4") == "reference" and kernel_mode(x.device, "nvfp4") == "reference"
     explain = torch._dynamo.explain(layer)(x)
     assert explain.graph_break_count == 0, explain.break_reasons
-
-
-def test_autotune_candidates_fit_the_group_count():
-    from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
-
-    odd = _prune(GEMM_CONFIGS, {}, K=192, G=64)  # 3 groups
-    assert odd and all(c.kwargs["GPI"] == 1 for c in odd)
-    assert len(_prune(GEMM_CONFIGS, {}, K=3072, G=64)) == len(GEMM_CONFIGS)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 128, 96), (3, 256, 200), (16, 64, 33)])

@@ -2,23 +2,30 @@
 
 1. `quantize_act`: one pass over x computes x̂ = (x + shift) / smooth, per-token group scales and
    4-bit codes (INT4 signed or unsigned, 64-groups; or NVFP4: E2M1 codes, 16-groups, E4M3 scales),
-   and the low-rank down projection x·proj_down (fp32). INT4 codes for the GEMM are written one per
-   byte in the dot's type (FP8 or INT8), so they reach the tensor cores unconverted; NVFP4 codes (and
-   INT4 on request) two per byte. Scales are written group-major.
+   and the low-rank down projection x·proj_down (fp32 accuracy). INT4 codes for the GEMM are written
+   one per byte in the dot's type (FP8 or INT8) and in the GEMM's K order, so they reach the tensor
+   cores unconverted; NVFP4 codes (and INT4 on request) two per byte. Scales are written group-major.
 2. `w4a4_gemm`: per K group, an exact 4-bit dot product on tensor cores, scaled by s_a·s_w and
    accumulated in fp32 in K order, like the reference; the epilogue applies NVFP4's weight tensor and
    channel scales, adds bias and the low-rank up projection, and writes the output dtype.
    Dot types: "fp8" (e4m3; every INT4 code is exact in it; Ada/Hopper/Blackwell), "int8"
    (Turing/Ampere), "fp16" (NVFP4 emulation: E2M1 values are exact in fp16; no native FP4 is used).
 
-Weight codes are packed as numerics.pack_nibbles does (byte j = codes 2j, 2j+1). INT4 groups are
-split into their even and odd codes, two chained K=32 dots with no shuffle; NVFP4 groups (16 codes)
-are re-interleaved (tl.interleave), since a K=8 dot does not exist. Packed INT4 codes become FP8 by
-bit operations (inline PTX on a GPU, the same arithmetic in Triton ops in the interpreter), never
-by int-to-float conversions, which run at a quarter rate. benchmarks/kernel_static.py reports what
-each tile config compiles to.
+Where the instructions go (benchmarks/kernel_static.py reports what each tile config compiles to):
+- Weight codes are packed as numerics.pack_nibbles does (byte j = codes 2j, 2j+1). Bit operations on
+  32-bit words turn 8 packed codes into FP8 (15 instructions) or INT8 (7) codes, 4 even then 4 odd
+  (inline PTX on a GPU, the same arithmetic in Triton ops in the interpreter), never by
+  int-to-float conversions, which run at a quarter rate. The GEMM's K order inside a group is that
+  order (`_k_merge`); activations are written in it, so each group is one K = 64 dot.
+- INT8 sums become fp32 without conversions either: the MMA adds them to the bits of 1.5·2^23.
+- The rescale by s_a ⊗ s_w is the floor: two FP32 instructions per accumulator element and group,
+  as long as the group's FP8 MMA. On Hopper the outer product goes to the tensor cores instead (an
+  exact K = 16 dot, `_group_scales`), leaving one FMA.
+- The low-rank branches (K = rank) run on tensor cores as TF32x3, fp32-level accuracy.
+NVFP4 groups (16 codes) are re-interleaved (tl.interleave), since a K=8 dot does not exist.
 
-Both kernels match pipeline/quantization/numerics.py up to fp32 rounding of the scale multiply-adds.
+Both kernels match pipeline/quantization/numerics.py up to fp32 rounding of the scale multiply-adds
+(and TF32x3's of the low-rank terms on a GPU).
 K and R are compile-time constants (a model has few distinct values; it also keeps Triton's CPU
 interpreter working with NumPy 2.4, which refuses int() of the 1-element arrays it passes).
 Tiles are autotuned on a GPU (`GEMM_CONFIGS`); the interpreter uses the fixed small tiles given.
@@ -134,19 +141,47 @@ def _nibbles_f8_asm(packed, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _nibbles_f8(packed, SIGNED: tl.constexpr, ASM: tl.constexpr):
+def _nibbles_f8(packed, SIGNED: tl.constexpr, ON_GPU: tl.constexpr):
     """uint8 (R, C) -> (codes 2j, codes 2j+1) as exact FP8 E4M3, without int->float conversions.
 
     fp16 with bits 0x6400 | n is 1024 + n for a nibble n, so subtracting 1024 (or 1032 after flipping
     the sign bit of a signed code) gives the code exactly, in two bit ops and one fp16 subtract.
     """
-    if ASM:
+    if ON_GPU:
         return _nibbles_f8_asm(packed, SIGNED)
     b = packed.to(tl.int16)
     flip: tl.constexpr = 8 if SIGNED else 0
     lo = (((b ^ flip) & 0xF) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + flip)
     hi = ((((b >> 4) ^ flip) & 0xF) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + flip)
     return lo.to(tl.float8e4nv), hi.to(tl.float8e4nv)
+
+
+# 4 packed bytes (8 codes) -> 4 even + 4 odd INT8 codes in 7 instructions: mask the nibbles, and
+# sign-extend each byte by adding 0xF0 where its bit 3 is set ((n & 0x08) * 0x1E never carries).
+_I8_ASM = """{{
+    .reg .b32 s, t, m;
+    and.b32 t, $2, 0x0f0f0f0f;
+    {sign_lo}
+    shr.b32 s, $2, 4;
+    and.b32 t, s, 0x0f0f0f0f;
+    {sign_hi}
+}}"""
+_I8_ASM_SIGNED = tl.constexpr(_I8_ASM.format(sign_lo="and.b32 m, $2, 0x08080808;\n    mad.lo.u32 $0, m, 0x1e, t;",
+                                             sign_hi="and.b32 m, s, 0x08080808;\n    mad.lo.u32 $1, m, 0x1e, t;"))
+_I8_ASM_UNSIGNED = tl.constexpr(_I8_ASM.format(sign_lo="mov.b32 $0, t;", sign_hi="mov.b32 $1, t;"))
+
+
+@triton.jit
+def _nibbles_i8(packed, SIGNED: tl.constexpr, ON_GPU: tl.constexpr):
+    """uint8 (R, C) -> (codes 2j, codes 2j+1) as int8, by bit operations on whole 32-bit words on a GPU."""
+    if ON_GPU:
+        asm: tl.constexpr = _I8_ASM_SIGNED if SIGNED else _I8_ASM_UNSIGNED
+        return tl.inline_asm_elementwise(asm, "=r,=r,r", [packed], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    b = packed.to(tl.int32)
+    lo, hi = b & 0xF, (b >> 4) & 0xF
+    if SIGNED:  # the same arithmetic per byte: + 0xF0 wraps to the negative code in int8
+        lo, hi = lo + (lo & 8) * 0x1E, hi + (hi & 8) * 0x1E
+    return lo.to(tl.int8), hi.to(tl.int8)
 
 
 @triton.jit
@@ -156,12 +191,24 @@ def _fp4_values(packed):
     return tl.interleave(_e2m1_decode(lo), _e2m1_decode(hi)).to(tl.float16)  # codes 2j, 2j+1 in place
 
 
+@triton.jit
+def _k_merge(lo, hi, ROWS: tl.constexpr, G: tl.constexpr):
+    """Codes 2j (lo) and 2j+1 (hi), (ROWS, G/2) each -> (ROWS, G) in the GEMM's K order.
+
+    Each 8 codes go as their 4 even codes then their 4 odd codes: the order in which the bit-op
+    conversion leaves a 32-bit word of packed codes, so the merge moves no bytes. The order inside
+    a group does not change its dot product as long as both operands share it.
+    """
+    both = tl.join(tl.reshape(lo, (ROWS, G // 8, 4)), tl.reshape(hi, (ROWS, G // 8, 4)))  # (ROWS, G/8, 4, 2)
+    return tl.reshape(tl.permute(both, (0, 1, 3, 2)), (ROWS, G))
+
+
 # ---------- activations: smooth + quantize + low-rank down, one pass ----------
 
 @triton.jit
 def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, K: tl.constexpr,
                          R: tl.constexpr, shift, UNSIGNED: tl.constexpr, FP4: tl.constexpr, G: tl.constexpr,
-                         CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+                         CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ON_GPU: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, G)
@@ -174,7 +221,8 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
         x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
         x = (x.to(tl.float32) + shift).to(x.dtype)  # as torch adds a Python float: fp32 math, rounded
         down = tl.load(down_ptr + k[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
-        low += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="ieee")
+        # fp32-level accuracy on the tensor cores (three TF32 products per term); the interpreter runs fp32
+        low += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
         sm = tl.load(smooth_ptr + k).to(x.dtype).to(tl.float32)
         xs = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype).to(tl.float32)
         amax = tl.max(tl.abs(xs), axis=1)
@@ -197,12 +245,12 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
             packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
             tl.store(codes_ptr + rows[:, None] * (K // 2) + (g * (G // 2) + half)[None, :], packed,
                      mask=row_ok[:, None])
-        else:  # one per byte, in the dot's type (fp8 or int8), each group as its even codes then its odd codes
+        else:  # one per byte, in the dot's type (fp8 or int8) and the GEMM's K order
+            merged = _k_merge(lo, hi, BLOCK_M, G)
             if CODES == 1:  # int -> fp8 goes through fp16 (exact for 4-bit codes)
-                lo, hi = lo.to(tl.float16), hi.to(tl.float16)
-            at = codes_ptr + rows[:, None] * K + (g * G + half)[None, :]
-            tl.store(at, lo.to(codes_ptr.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(at + G // 2, hi.to(codes_ptr.dtype.element_ty), mask=row_ok[:, None])
+                merged = merged.to(tl.float16)
+            tl.store(codes_ptr + rows[:, None] * K + (g * G + cols)[None, :], merged.to(codes_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
     tl.store(low_ptr + rows[:, None] * R + rr[None, :], low, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
@@ -210,38 +258,56 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
 
 @triton.jit
 def _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT: tl.constexpr, SIGNED_A: tl.constexpr, A_BYTES: tl.constexpr,
-               ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
-    """The exact code dot product of one K group: (BLOCK_M, BLOCK_N) fp32.
+               ON_GPU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+    """The exact code dot product of one K group: (BLOCK_M, BLOCK_N) fp32, one K = G dot.
 
-    Even and odd codes make two K = G/2 dots. Activation codes come one per byte in the dot's type
-    (A_BYTES: evens then odds, straight from memory to the tensor cores) or packed like the weights.
+    Activation codes come one per byte in the dot's type, already in the GEMM's K order (_k_merge),
+    straight from memory to the tensor cores, or packed like the weights.
     """
     wb = tl.load(w_ptrs, mask=col_ok[:, None], other=0)
     if A_BYTES:
-        a_lo = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        a_hi = tl.load(a_ptrs + G // 2, mask=row_ok[:, None], other=0.0)
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
     else:
         ab = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
     if DOT == 2:  # NVFP4 emulated: fp16 values, K = 16
         out = tl.dot(_fp4_values(ab), tl.trans(_fp4_values(wb)), out_dtype=tl.float32)
     elif DOT == 0:
         if not A_BYTES:
-            a_lo, a_hi = _nibbles_f8(ab, SIGNED_A, ASM)
-        w_lo, w_hi = _nibbles_f8(wb, True, ASM)
-        out = tl.dot(a_hi, tl.trans(w_hi), tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.float32), out_dtype=tl.float32)
+            a_lo, a_hi = _nibbles_f8(ab, SIGNED_A, ON_GPU)
+            a = _k_merge(a_lo, a_hi, BLOCK_M, G)
+        w_lo, w_hi = _nibbles_f8(wb, True, ON_GPU)
+        out = tl.dot(a, tl.trans(_k_merge(w_lo, w_hi, BLOCK_N, G)), out_dtype=tl.float32)
     else:
         if not A_BYTES:
-            a_lo, a_hi = _nibbles(ab, SIGNED_A)
-            a_lo, a_hi = a_lo.to(tl.int8), a_hi.to(tl.int8)
-        w_lo, w_hi = _nibbles(wb, True)
-        part = tl.dot(a_lo, tl.trans(w_lo.to(tl.int8)), out_dtype=tl.int32)
-        out = tl.dot(a_hi, tl.trans(w_hi.to(tl.int8)), part, out_dtype=tl.int32).to(tl.float32)
+            a_lo, a_hi = _nibbles_i8(ab, SIGNED_A, ON_GPU)
+            a = _k_merge(a_lo, a_hi, BLOCK_M, G)
+        w_lo, w_hi = _nibbles_i8(wb, True, ON_GPU)
+        # int32 -> fp32 without int-to-float conversions (a quarter rate): the MMA adds the codes'
+        # dot product to the bits of 1.5 * 2^23, where one integer step is one fp32 ulp.
+        magic = tl.full((BLOCK_M, BLOCK_N), 0x4B400000, tl.int32)
+        out = tl.dot(a, tl.trans(_k_merge(w_lo, w_hi, BLOCK_N, G)), magic, out_dtype=tl.int32)
+        out = out.to(tl.float32, bitcast=True) - 12582912.0
     return out
 
 
 @triton.jit
-def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT: tl.constexpr):
-    """s_a · s_w of K group g for the tile, (BLOCK_M, BLOCK_N) fp32; scales are stored group-major."""
+def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT: tl.constexpr, SCALE_MMA: tl.constexpr):
+    """s_a · s_w of K group g for the tile, (BLOCK_M, BLOCK_N) fp32; scales are stored group-major.
+
+    SCALE_MMA forms the outer product as a K = 16 dot whose only nonzero row of the second operand
+    is s_w: the product of two 16-bit floats is exact in fp32 and adding zeros changes nothing, so
+    it equals the FP32 multiplies bit for bit, and 64 FP32 multiplies per thread and group leave the
+    FP32 pipe, which the rescale otherwise saturates as fast as the FP8 MMAs run.
+    """
+    if DOT != 2 and SCALE_MMA:
+        one = tl.arange(0, 16)
+        sa = tl.load(as_ptr + g * M + rows, mask=row_ok, other=0.0)
+        sw = tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0.0)
+        sa16 = tl.broadcast_to(sa[:, None], (sa.shape[0], 16))
+        sw16 = tl.where(one[:, None] == 0, sw[None, :], 0.0).to(sw.dtype)
+        if sa.dtype == sw.dtype and sa.dtype != tl.float32:  # 16-bit: exact products on the tensor cores
+            return tl.dot(sa16, sw16, out_dtype=tl.float32)
+        return tl.dot(sa16.to(tl.float32), sw16.to(tl.float32), input_precision="ieee")
     sa = tl.load(as_ptr + g * M + rows, mask=row_ok, other=0.0).to(tl.float32)
     if DOT == 2:  # NVFP4 weight scales: E4M3 bytes
         sw = _e4m3_decode(tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0))
@@ -255,7 +321,7 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
                       K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                      GPI: tl.constexpr, A_BYTES: tl.constexpr, ASM: tl.constexpr):
+                      A_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr, ON_GPU: tl.constexpr):
     # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -270,23 +336,14 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     row_ok, col_ok = rows < M, cols < N
     groups: tl.constexpr = K // G
     A_STEP: tl.constexpr = G if A_BYTES else G // 2  # bytes of one activation group
-    a_ptrs = a_ptr + rows[:, None] * (K // G * A_STEP) + half[None, :]
+    a_ptrs = a_ptr + rows[:, None] * (K // G * A_STEP) + tl.arange(0, A_STEP)[None, :]
     w_ptrs = w_ptr + cols[:, None] * (K // 2) + half[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # GPI=2 issues two groups' MMAs before either rescale waits on its result. Groups are added in K
-    # order either way, so the result does not change. (Triton waits on each Hopper wgmma right after
-    # issuing it when its result feeds a rescale, so a lagged rescale would only cost registers;
-    # benchmarks/kernel_static.py shows that wait and what each config costs.)
-    for g in range(0, groups, GPI):
-        part = _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT, SIGNED_A, A_BYTES, ASM, BLOCK_M, BLOCK_N, G)
-        if GPI == 2:
-            part2 = _group_dot(a_ptrs + A_STEP, w_ptrs + G // 2, row_ok, col_ok, DOT, SIGNED_A, A_BYTES, ASM,
-                               BLOCK_M, BLOCK_N, G)
-        acc += part * _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT)
-        if GPI == 2:
-            acc += part2 * _group_scales(as_ptr, ws_ptr, g + 1, M, N, rows, cols, row_ok, col_ok, DOT)
-        a_ptrs += GPI * A_STEP
-        w_ptrs += GPI * (G // 2)
+    for g in range(0, groups):
+        part = _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT, SIGNED_A, A_BYTES, ON_GPU, BLOCK_M, BLOCK_N, G)
+        acc += part * _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT, SCALE_MMA)
+        a_ptrs += A_STEP
+        w_ptrs += G // 2
     if DOT == 2:
         acc = acc * tl.load(wt_ptr).to(tl.float32)
     if HAS_WC:
@@ -296,38 +353,37 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     rr = tl.arange(0, BLOCK_R)
     low = tl.load(low_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
     up = tl.load(up_ptr + cols[None, :] * R + rr[:, None], mask=col_ok[None, :] & (rr[:, None] < R), other=0.0)
-    acc += tl.dot(low, up.to(tl.float32), input_precision="ieee")
+    # The low-rank branch (K = rank) on the tensor cores with fp32-level accuracy (three TF32 products
+    # per term); as IEEE fp32 FMAs it cost a sixth of the whole GEMM at K = 3072. The interpreter
+    # computes it in fp32.
+    acc += tl.dot(low, up.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _config(bm, bn, warps, stages, gpi=1):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GPI": gpi}, num_warps=warps,
-                         num_stages=stages)
+def _config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
 # Candidates the GPU autotuner times per (M, N, K, dot type); the benchmark records the winner.
-# 4-warp tiles let two CTAs share an SM, so one CTA's MMAs overlap the other's rescale. _prune drops
-# the ones that spill registers for a dot type (benchmarks/kernel_static.py; a CPU test checks it).
-_TILES = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (256, 64, 8, 3), (64, 64, 4, 4)]
-GEMM_CONFIGS = [_config(*t) for t in _TILES] + [_config(*t, gpi=2) for t in _TILES[1:4]]
-_SPILLS = {DOTS["int8"]: {(64, 128, 4, 1), (64, 128, 4, 2)}}  # (BLOCK_M, BLOCK_N, warps, GPI)
-
-
-def _prune(configs, named_args, **kwargs):
-    """GPI=2 needs an even number of K groups; configs that spill for this dot type are left out."""
-    k, g = kwargs.get("K", named_args.get("K")), kwargs.get("G", named_args.get("G"))
-    spills = _SPILLS.get(kwargs.get("DOT", named_args.get("DOT")), set())
-    return [c for c in configs if (c.kwargs["GPI"] == 1 or (k // g) % 2 == 0)
-            and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["GPI"]) not in spills]
-
-
-_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES"],
-                             prune_configs_by={"early_config_prune": _prune})(_w4a4_gemm_kernel)
+# 4-warp tiles let two CTAs share an SM, so one CTA's MMAs overlap the other's rescale. None spills
+# registers in its K loop on sm_90, sm_89 or sm_80 (benchmarks/kernel_static.py; a CPU test checks it).
+GEMM_CONFIGS = [_config(*t) for t in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (256, 64, 8, 3),
+                                      (64, 64, 4, 4)]]
+_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "SCALE_MMA"])(
+    _w4a4_gemm_kernel)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_arch(device: torch.device) -> Optional[int]:
+    """Compute capability as 90, 80, ...; None off CUDA (the interpreter)."""
+    if device.type != "cuda" or interpreting():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def _pow2(n: int) -> int:
@@ -365,25 +421,32 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor,
     low = torch.empty(m, r, dtype=torch.float32, device=x.device)
     _quantize_act_kernel[(triton.cdiv(m, block_m),)](
         x, smooth, proj_down, codes, scales, low, m, k, r, float(shift), UNSIGNED=unsigned and not fp4, FP4=fp4,
-        G=group, CODES=fmt, BLOCK_M=block_m, BLOCK_R=_pow2(r))
+        G=group, CODES=fmt, BLOCK_M=block_m, BLOCK_R=_pow2(r), ON_GPU=not interpreting())
     return codes, scales.t(), low
 
 
-def natural_order(codes: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
-    """One-per-byte activation codes (evens then odds per group) -> integer codes in K order."""
+def natural_order(codes: torch.Tensor) -> torch.Tensor:
+    """One-per-byte activation codes in the GEMM's K order (4 evens then 4 odds per 8) -> integer codes in K order."""
     m, k = codes.shape
-    split = codes.float().to(torch.int8).view(m, k // group, 2, group // 2)
-    return split.transpose(-1, -2).reshape(m, k)
+    return codes.float().to(torch.int8).view(m, k // 8, 2, 4).transpose(-1, -2).reshape(m, k)
+
+
+def scale_mma_default(dot: str, arch: Optional[int], a_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """Form s_a ⊗ s_w on the tensor cores? Where it is exact (16-bit scales of one dtype, INT4) and pays:
+    Hopper (arch 90), whose warpgroup MMA takes the 16-wide operand as it is. With mma.sync (Ampere,
+    Ada) the operand shuffles cost more than the multiplies saved (benchmarks/kernel_static.py shows both)."""
+    return dot != "fp16" and arch == 90 and a_dtype == w_dtype and a_dtype in (torch.float16, torch.bfloat16)
 
 
 def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
               unsigned: bool = False, wtscale=None, wcscales=None, *, block_m: Optional[int] = None,
-              block_n: Optional[int] = None, gpi: int = 1):
+              block_n: Optional[int] = None, scale_mma: Optional[bool] = None):
     """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ -> (M, N).
 
     a_codes: packed (M, K/2) uint8, or one per byte (M, K) as quantize_act writes them for dot "fp8"
     (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2). dot: "fp8" | "int8" (INT4) or "fp16" (NVFP4,
-    w_scales float8_e4m3fn, wtscale a 0-d fp32 tensor). With block_m/block_n (gpi) given, or in
+    w_scales float8_e4m3fn, wtscale a 0-d fp32 tensor). scale_mma: form s_a ⊗ s_w on the tensor cores
+    or with FP32 multiplies (default: scale_mma_default). With block_m/block_n given, or in
     the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
     """
     fp4 = dot == "fp16"
@@ -404,13 +467,13 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
             wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy, out, m, n)
     meta = dict(K=k, R=r, DOT=DOTS[dot], SIGNED_A=not unsigned or fp4, HAS_BIAS=bias is not None,
                 HAS_WC=wcscales is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r),
-                A_BYTES=a_bytes, ASM=not interpreting())  # PTX needs a GPU; the interpreter runs the same math in Triton ops
+                A_BYTES=a_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else scale_mma_default(
+                    dot, device_arch(a_codes.device), a_scales.dtype, w_scales.dtype)) and not fp4,
+                ON_GPU=not interpreting())  # inline PTX, TF32x3; the interpreter runs the same math in Triton ops
     if block_m or block_n or interpreting() or a_codes.device.type != "cuda":
         block_m, block_n = block_m or 32, block_n or 32
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        if (k // meta["G"]) % gpi:
-            raise ValueError(f"gpi={gpi} needs the number of K groups ({k // meta['G']}) to be a multiple of it")
-        _w4a4_gemm_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=4, GPI=gpi)
+        _w4a4_gemm_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=4)
     else:
         _autotuned[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
     return out
