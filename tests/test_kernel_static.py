@@ -29,8 +29,8 @@ def report(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_every_autotune_config_compiles_for_hopper_ada_and_ampere_without_spills_in_the_k_loop(report):
-    from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS
+def test_every_autotune_config_compiles_for_hopper_ada_and_ampere_and_none_kept_spills_in_the_k_loop(report):
+    from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
 
     assert len(report) == 3 * len(GEMM_CONFIGS)
     for r in report:
@@ -39,8 +39,11 @@ def test_every_autotune_config_compiles_for_hopper_ada_and_ampere_without_spills
         assert r["async_loads"] > 0, f"{where}: operand loads are not pipelined"
         assert r["instructions_per_group"] > 0 and 0 < r["est_peak_fraction"] <= 1, where
         # a few spilled bytes around the epilogue cost once per tile; in the K loop they cost every group
-        assert r["loop_spills"] == 0, f"{where}: {r['loop_spills']} local loads/stores per K group"
-        assert r["spill_bytes"] <= 256, f"{where} spills {r['spill_bytes']} bytes"
+        if _prune([GEMM_CONFIGS[r["config_index"]]], {}, arch=r["arch"]):
+            assert r["loop_spills"] == 0, f"{where}: {r['loop_spills']} local loads/stores per K group: prune it"
+            assert r["spill_bytes"] <= 256, f"{where} spills {r['spill_bytes']} bytes"
+    for arch in (90, 89, 80):
+        assert len(_prune(GEMM_CONFIGS, {}, arch=arch)) >= 4  # the autotuner keeps a choice
 
 
 def test_hopper_runs_fp8_wgmma_ada_fp8_and_ampere_int8_mma_sync(report):

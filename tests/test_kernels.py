@@ -150,6 +150,17 @@ def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monke
     assert explain.graph_break_count == 0, explain.break_reasons
 
 
+def test_autotune_leaves_out_the_tiles_that_spill_on_the_gpu_at_hand():
+    from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
+
+    def tiles(arch):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in _prune(GEMM_CONFIGS, {}, arch)}
+
+    assert len(tiles(90)) == len(GEMM_CONFIGS)  # Hopper's warpgroup MMAs keep every tile
+    for arch in (89, 86, 80):  # mma.sync: 64x128 on 4 warps spills in the K loop (kernel_static)
+        assert (64, 128, 4) not in tiles(arch) and len(tiles(arch)) == len(GEMM_CONFIGS) - 1
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 128, 96), (3, 256, 200), (16, 64, 33)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_awq_gemv_matches_the_reference(m, k, n, dtype):

@@ -257,18 +257,18 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
 # ---------- the W4A4 GEMM with the low-rank up projection in the epilogue ----------
 
 @triton.jit
-def _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT: tl.constexpr, SIGNED_A: tl.constexpr, A_BYTES: tl.constexpr,
+def _group_dot(a_ptrs, w_ptrs, DOT: tl.constexpr, SIGNED_A: tl.constexpr, A_BYTES: tl.constexpr,
                ON_GPU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
     """The exact code dot product of one K group: (BLOCK_M, BLOCK_N) fp32, one K = G dot.
 
     Activation codes come one per byte in the dot's type, already in the GEMM's K order (_k_merge),
     straight from memory to the tensor cores, or packed like the weights.
     """
-    wb = tl.load(w_ptrs, mask=col_ok[:, None], other=0)
+    wb = tl.load(w_ptrs)  # rows and columns wrapped into range: no masks, no predicates in the K loop
     if A_BYTES:
-        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        a = tl.load(a_ptrs)
     else:
-        ab = tl.load(a_ptrs, mask=row_ok[:, None], other=0)
+        ab = tl.load(a_ptrs)
     if DOT == 2:  # NVFP4 emulated: fp16 values, K = 16
         out = tl.dot(_fp4_values(ab), tl.trans(_fp4_values(wb)), out_dtype=tl.float32)
     elif DOT == 0:
@@ -291,7 +291,7 @@ def _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT: tl.constexpr, SIGNED_A: tl.c
 
 
 @triton.jit
-def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT: tl.constexpr, SCALE_MMA: tl.constexpr):
+def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, DOT: tl.constexpr, SCALE_MMA: tl.constexpr):
     """s_a · s_w of K group g for the tile, (BLOCK_M, BLOCK_N) fp32; scales are stored group-major.
 
     SCALE_MMA forms the outer product as a K = 16 dot whose only nonzero row of the second operand
@@ -301,18 +301,18 @@ def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT: tl.c
     """
     if DOT != 2 and SCALE_MMA:
         one = tl.arange(0, 16)
-        sa = tl.load(as_ptr + g * M + rows, mask=row_ok, other=0.0)
-        sw = tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0.0)
+        sa = tl.load(as_ptr + g * M + rows)
+        sw = tl.load(ws_ptr + g * N + cols)
         sa16 = tl.broadcast_to(sa[:, None], (sa.shape[0], 16))
         sw16 = tl.where(one[:, None] == 0, sw[None, :], 0.0).to(sw.dtype)
         if sa.dtype == sw.dtype and sa.dtype != tl.float32:  # 16-bit: exact products on the tensor cores
             return tl.dot(sa16, sw16, out_dtype=tl.float32)
         return tl.dot(sa16.to(tl.float32), sw16.to(tl.float32), input_precision="ieee")
-    sa = tl.load(as_ptr + g * M + rows, mask=row_ok, other=0.0).to(tl.float32)
+    sa = tl.load(as_ptr + g * M + rows).to(tl.float32)
     if DOT == 2:  # NVFP4 weight scales: E4M3 bytes
-        sw = _e4m3_decode(tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0))
+        sw = _e4m3_decode(tl.load(ws_ptr + g * N + cols))
     else:
-        sw = tl.load(ws_ptr + g * N + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sw = tl.load(ws_ptr + g * N + cols).to(tl.float32)
     return sa[:, None] * sw[None, :]
 
 
@@ -334,14 +334,17 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     half = tl.arange(0, G // 2)
     row_ok, col_ok = rows < M, cols < N
+    # Rows and columns past the edge read row M-1's and column N-1's data instead (wrapped): the
+    # K loop then needs no masks, and their results are never stored.
+    rows_in, cols_in = tl.where(row_ok, rows, M - 1), tl.where(col_ok, cols, N - 1)
     groups: tl.constexpr = K // G
     A_STEP: tl.constexpr = G if A_BYTES else G // 2  # bytes of one activation group
-    a_ptrs = a_ptr + rows[:, None] * (K // G * A_STEP) + tl.arange(0, A_STEP)[None, :]
-    w_ptrs = w_ptr + cols[:, None] * (K // 2) + half[None, :]
+    a_ptrs = a_ptr + rows_in[:, None] * (K // G * A_STEP) + tl.arange(0, A_STEP)[None, :]
+    w_ptrs = w_ptr + cols_in[:, None] * (K // 2) + half[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, groups):
-        part = _group_dot(a_ptrs, w_ptrs, row_ok, col_ok, DOT, SIGNED_A, A_BYTES, ON_GPU, BLOCK_M, BLOCK_N, G)
-        acc += part * _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, row_ok, col_ok, DOT, SCALE_MMA)
+        part = _group_dot(a_ptrs, w_ptrs, DOT, SIGNED_A, A_BYTES, ON_GPU, BLOCK_M, BLOCK_N, G)
+        acc += part * _group_scales(as_ptr, ws_ptr, g, M, N, rows_in, cols_in, DOT, SCALE_MMA)
         a_ptrs += A_STEP
         w_ptrs += G // 2
     if DOT == 2:
@@ -366,12 +369,24 @@ def _config(bm, bn, warps, stages):
 
 
 # Candidates the GPU autotuner times per (M, N, K, dot type); the benchmark records the winner.
-# 4-warp tiles let two CTAs share an SM, so one CTA's MMAs overlap the other's rescale. None spills
-# registers in its K loop on sm_90, sm_89 or sm_80 (benchmarks/kernel_static.py; a CPU test checks it).
+# 4-warp tiles let two CTAs share an SM, so one CTA's MMAs overlap the other's rescale. _prune drops
+# the ones that spill registers in their K loop on the GPU at hand (benchmarks/kernel_static.py;
+# a CPU test checks that every kept config compiles without).
 GEMM_CONFIGS = [_config(*t) for t in [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (256, 64, 8, 3),
                                       (64, 64, 4, 4)]]
-_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "SCALE_MMA"])(
-    _w4a4_gemm_kernel)
+_SPILLS_MMA_SYNC = {(64, 128, 4)}  # (BLOCK_M, BLOCK_N, warps) on sm_80-89, where MMAs are mma.sync
+
+
+def _prune(configs, named_args, arch: Optional[int] = None, **kwargs):
+    """Leave out the configs that spill in the K loop on this GPU (arch 90, 89, ...; default: the current one)."""
+    if arch is None and torch.cuda.is_available():
+        arch = device_arch(torch.device("cuda"))
+    spills = _SPILLS_MMA_SYNC if arch is not None and arch < 90 else set()
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in spills]
+
+
+_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "SCALE_MMA"],
+                             prune_configs_by={"early_config_prune": _prune})(_w4a4_gemm_kernel)
 
 
 def interpreting() -> bool:
