@@ -142,7 +142,8 @@ def fake_gpu(monkeypatch):
     [((6, 1), "GTX 1080", "int4", "INT4 kernels need compute capability 7.0 or newer; GTX 1080 is 6.1"),
      ((9, 0), "H100", "nvfp4", "NVFP4 tensor cores are on Blackwell GPUs (compute capability 10.x/12.x); H100 is 9.0"),
      ((8, 9), "RTX 4090", "nvfp4", "RTX 4090 is 8.9, so NVFP4 is emulated"),
-     ((9, 0), "H100", "int4", None), ((12, 0), "RTX 5090", "nvfp4", None), ((10, 0), "B200", "nvfp4", None)],
+     ((9, 0), "H100", "int4", None), ((12, 0), "RTX 5090", "nvfp4", None), ((10, 0), "B200", "nvfp4", None),
+     ((7, 5), "T4", "int4", None), ((8, 0), "A100", "int4", None)],
 )
 def test_device_policy_warns_or_fails_under_strict(fake_gpu, cc, name, precision, problem):
     from pipeline.errors import DeviceError
@@ -152,9 +153,9 @@ def test_device_policy_warns_or_fails_under_strict(fake_gpu, cc, name, precision
 
     device = fake_gpu(cc, name)
     notes = hardware_notes(precision, device, strict=False)
-    expected = describe(device, precision)  # Triton: INT4 on sm_75+, NVFP4 (emulated) on sm_80+
+    expected = describe(device, precision)  # Triton: INT4 and NVFP4 (emulated) on sm_80+ (no INT8 dot on Turing)
     assert notes[-1] == f"{precision} layers run through the {expected} on {name}"
-    assert ("Triton" in expected) == (cc >= ((7, 5) if precision == "int4" else (8, 0)) and _has_triton())
+    assert ("Triton" in expected) == (cc >= (8, 0) and _has_triton())
     assert ("emulated" in expected) == (precision == "nvfp4" and "Triton" in expected)
     if problem:
         assert any(problem in n for n in notes)

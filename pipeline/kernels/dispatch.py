@@ -1,7 +1,7 @@
 """Pick how an SVDQuant layer runs on a device: Triton kernels (and on which tensor cores) or the reference.
 
 INT4: FP8 (e4m3) tensor cores on compute capability 8.9+ (Ada, Hopper, Blackwell), INT8 tensor cores
-on 7.5-8.6. NVFP4: emulated on FP16 tensor cores on 8.0+ (E2M1 values and their group products are
+on 8.0-8.6 (Triton has no INT8 dot for Turing, 7.5: it runs the reference there). NVFP4: emulated on FP16 tensor cores on 8.0+ (E2M1 values and their group products are
 exact in fp16/fp32); native FP4 tensor cores (Blackwell) are not used yet, and `describe` says so.
 Older GPUs and the CPU run the PyTorch reference. `SVDQ_KERNELS=reference` forces the reference;
 `SVDQ_KERNELS=triton` forces the kernels (on CPU with TRITON_INTERPRET=1 Triton's interpreter runs
@@ -51,7 +51,7 @@ def kernel_mode(device: torch.device, precision: str) -> str:
         return "fp16" if cc >= (8, 0) else "reference"
     if cc >= (8, 9):
         return "fp8"
-    return "int8" if cc >= (7, 5) else "reference"
+    return "int8" if cc >= (8, 0) else "reference"  # Triton's INT8 dot needs sm_80's mma
 
 
 def awq_kernel(device: torch.device, rows: int) -> bool:
