@@ -72,19 +72,17 @@ class Report:
     top_instructions: dict
 
 
-def compile_gemm(arch: int, dot: str, config: triton.Config, k: int = 3072, rank: int = 32, scale_mma=None):
+def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, k: int = 3072, rank: int = 32):
     """The GEMM compiled for sm_<arch> (bf16 model): Triton's CompiledKernel (PTX, TTGIR, cubin, metadata).
 
-    scale_mma None: s_a ⊗ s_w formed where w4a4_gemm forms it for bf16 scales; True/False forces it.
+    scale_mma: form s_a ⊗ s_w on the tensor cores (INT4 only) or with FP32 multiplies.
     """
     fp4 = dot == "fp16"
-    if scale_mma is None:
-        scale_mma = kw.scale_mma_default(dot, arch, torch.bfloat16, torch.bfloat16)
     codes = kw.act_code_format(dot)  # activation codes as the layer feeds them
     types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16")
     const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
                  G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=kw._pow2(rank),
-                 A_BYTES=codes != "packed", SCALE_MMA=scale_mma and not fp4, ON_GPU=True, **config.kwargs)
+                 A_BYTES=codes != "packed", SCALE_MMA=scale_mma, ON_GPU=True, **config.kwargs)
     signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(_ARGS) if name != "M"}
     src = ASTSource(fn=kw._w4a4_gemm_kernel, signature=signature, constexprs=const, attrs=attrs)
@@ -145,7 +143,7 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None) -> Report:
     if scale_mma is None:
         scale_mma = kw.scale_mma_default(dot, arch, torch.bfloat16, torch.bfloat16)
     on_mma = scale_mma and dot != "fp16"  # NVFP4 scales are fp32 and E4M3: always FP32 multiplies
-    ck = compile_gemm(arch, dot, config, scale_mma=on_mma)
+    ck = compile_gemm(arch, dot, config, on_mma)
     regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
     ops = main_loop_instructions(ck.asm["cubin"])
     c = config.kwargs

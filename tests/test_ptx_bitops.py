@@ -118,25 +118,23 @@ def _expected(word: int, signed: bool) -> tuple[list[int], list[int]]:
     return lo, hi
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_fp8_conversion_ptx_gives_the_exact_codes_evens_then_odds(signed):
-    asm = (kw._F8_ASM_SIGNED if signed else kw._F8_ASM_UNSIGNED).value
-    for word in WORDS:
-        regs = run_ptx(asm, {"$2": word})
-        lo, hi = _expected(word, signed)
-        got_lo = torch.tensor(_bytes(regs["$0"]), dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
-        got_hi = torch.tensor(_bytes(regs["$1"]), dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
-        assert (got_lo, got_hi) == (lo, hi), hex(word)
+def _codes(word: int, dtype: torch.dtype) -> list:
+    """The 4 bytes of an output word read as FP8 E4M3 or INT8 codes."""
+    return torch.tensor(_bytes(word), dtype=torch.uint8).view(dtype).float().tolist()
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_int8_conversion_ptx_sign_extends_each_nibble(signed):
-    asm = (kw._I8_ASM_SIGNED if signed else kw._I8_ASM_UNSIGNED).value
+# Each conversion program, signed and unsigned, and the dtype its output bytes hold.
+PROGRAMS = [("_F8_ASM_SIGNED", True, torch.float8_e4m3fn), ("_F8_ASM_UNSIGNED", False, torch.float8_e4m3fn),
+            ("_I8_ASM_SIGNED", True, torch.int8), ("_I8_ASM_UNSIGNED", False, torch.int8)]
+
+
+@pytest.mark.parametrize("program,signed,dtype", PROGRAMS)
+def test_conversion_ptx_gives_the_exact_codes_evens_then_odds(program, signed, dtype):
+    """FP8: exact E4M3 values of the codes; INT8: each nibble sign-extended (signed) or zero-extended."""
+    asm = getattr(kw, program).value
     for word in WORDS:
         regs = run_ptx(asm, {"$2": word})
-        lo, hi = _expected(word, signed)
-        as_int8 = lambda w: torch.tensor(_bytes(w), dtype=torch.uint8).view(torch.int8).tolist()  # noqa: E731
-        assert (as_int8(regs["$0"]), as_int8(regs["$1"])) == (lo, hi), hex(word)
+        assert (_codes(regs["$0"], dtype), _codes(regs["$1"], dtype)) == _expected(word, signed), hex(word)
 
 
 def test_the_interpreter_checks_what_it_claims():
@@ -144,7 +142,6 @@ def test_the_interpreter_checks_what_it_claims():
     broken = kw._F8_ASM_SIGNED.value.replace("0x5140", "0x7362", 1)
     regs = run_ptx(broken, {"$2": WORDS[37]})
     lo, _ = _expected(WORDS[37], True)
-    got = torch.tensor(_bytes(regs["$0"]), dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
-    assert got != lo
+    assert _codes(regs["$0"], torch.float8_e4m3fn) != lo
     assert _lop3(0xF0, 0xCC, 0xAA, 0x6A) == 0x6A  # the LUT convention: F(a=0xF0, b=0xCC, c=0xAA)
     assert _prmt(0x44332211, 0x88776655, 0x8F40) == 0x00FF5511  # bytes a0, b0, sign of b3, sign of a0

@@ -94,13 +94,10 @@ def _e2m1_decode(code):
 
 
 @triton.jit
-def _nibbles(packed, SIGNED: tl.constexpr):
-    """uint8 (R, C) -> (codes 2j, codes 2j+1) as int32 (R, C), sign-extended if SIGNED."""
+def _nibbles(packed):
+    """uint8 (R, C) -> (codes 2j, codes 2j+1) as int32 (R, C), unsigned."""
     b = packed.to(tl.int32)
-    lo, hi = b & 0xF, (b >> 4) & 0xF
-    if SIGNED:
-        lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8
-    return lo, hi
+    return b & 0xF, (b >> 4) & 0xF
 
 
 # 4 packed bytes (8 codes) -> 4 even + 4 odd FP8 codes, in 17 instructions: mask the nibbles of
@@ -187,7 +184,7 @@ def _nibbles_i8(packed, SIGNED: tl.constexpr, ON_GPU: tl.constexpr):
 @triton.jit
 def _fp4_values(packed):
     """uint8 (rows, G/2) of E2M1 codes -> fp16 values (rows, G) in code order."""
-    lo, hi = _nibbles(packed, False)
+    lo, hi = _nibbles(packed)
     return tl.interleave(_e2m1_decode(lo), _e2m1_decode(hi)).to(tl.float16)  # codes 2j, 2j+1 in place
 
 
