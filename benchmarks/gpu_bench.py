@@ -98,7 +98,8 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
         mode = kernel_mode(device, "int4")
         row["kernel"] = mode
         if mode != "reference":
-            from pipeline.kernels.triton_w4a4 import (act_code_format, device_arch, quantize_act, scale_mma_default,
+            from pipeline.kernels.triton_w4a4 import (act_code_format, device_arch, expand_weight_codes,
+                                                      expand_weights_default, quantize_act, scale_mma_default,
                                                       w4a4_gemm)
 
             fmt = act_code_format(mode)  # as the layer runs it (ops.w4a4_linear)
@@ -112,6 +113,13 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
             row["w4a4_gemm_other_scale_ms"] = timed(
                 lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
                                   dtype, mode, scale_mma=not row["scale_mma"]), device, iters)
+            # and weight codes packed vs expanded one per byte first (the expansion is inside the timings)
+            row["expand_weights"] = expand_weights_default(mode, device_arch(device))
+            row["w4a4_gemm_other_expand_ms"] = timed(
+                lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
+                                  dtype, mode, expand_weights=not row["expand_weights"]), device, iters)
+            if mode in ("fp8", "int8"):
+                row["expand_ms"] = timed(lambda: expand_weight_codes(layer.packed_codes, mode), device, iters)
         row["layer_ms"] = timed(lambda: layer(x), device, iters)
         for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
             if f"{key}_ms" in row:
@@ -334,6 +342,13 @@ def _gemm_cells(r: dict) -> list[str]:
     return [f"{r['M']}×{r['K']}×{r['N']}", *tflops, ratio, r["kernel"]]
 
 
+def _variant_cells(r: dict) -> list[str]:
+    default = f"{'MMA' if r.get('scale_mma') else 'FP32'}, {'bytes' if r.get('expand_weights') else 'packed'}"
+    ms = [f"{r[k]:.3f}" if k in r else "-" for k in ("w4a4_gemm_ms", "w4a4_gemm_other_scale_ms",
+                                                      "w4a4_gemm_other_expand_ms", "expand_ms")]
+    return [f"{r['M']}×{r['K']}×{r['N']}", default, *ms]
+
+
 def _forward_cells(r: dict) -> list[str]:
     if "skipped" in r:
         return [r.get("model", ""), r["variant"], "skipped", r["skipped"], "", ""]
@@ -379,6 +394,13 @@ def markdown(result: dict) -> str:
              f"(JSON beside this file). Ratios are measured in the same run.", ""]
     if result["gemm"]:
         lines += ["## GEMM (TFLOP/s)", ""] + _md_table(GEMM_COLUMNS, map(_gemm_cells, result["gemm"]))
+    variants = [r for r in result["gemm"] if "w4a4_gemm_other_expand_ms" in r]
+    if variants:
+        lines += ["## W4A4 GEMM variants (ms; the default first)", "",
+                  "s_a ⊗ s_w on tensor cores (MMA) or FP32 multiplies; weight codes expanded to one per byte "
+                  "before the GEMM (bytes, the expansion included) or converted in its K loop (packed).", ""]
+        lines += _md_table(("M×K×N", "default", "ms", "other s_a ⊗ s_w", "other weights", "expansion alone"),
+                           (_variant_cells(r) for r in variants))
     if result["transformers"]:
         lines += ["## Transformer forward, batch 1", ""] + _md_table(FORWARD_COLUMNS,
                                                                     map(_forward_cells, result["transformers"]))

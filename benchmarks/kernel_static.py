@@ -59,6 +59,7 @@ class Report:
     dot: str
     config: str
     scale_mma: bool  # s_a ⊗ s_w formed on the tensor cores (else FP32 multiplies)
+    expand_weights: bool  # weight codes one per byte (expanded before the GEMM; its traffic is not modelled)
     registers: int
     spill_bytes: int  # anywhere in the kernel (ptxas -v)
     loop_spills: int  # local-memory loads/stores in the K loop, where they cost every group
@@ -72,17 +73,21 @@ class Report:
     top_instructions: dict
 
 
-def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, k: int = 3072, rank: int = 32):
+def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, expand: bool = False, k: int = 3072,
+                 rank: int = 32):
     """The GEMM compiled for sm_<arch> (bf16 model): Triton's CompiledKernel (PTX, TTGIR, cubin, metadata).
 
-    scale_mma: form s_a ⊗ s_w on the tensor cores (INT4 only) or with FP32 multiplies.
+    scale_mma: form s_a ⊗ s_w on the tensor cores (INT4 only) or with FP32 multiplies. expand: weight
+    codes come one per byte (expand_weight_codes, INT4 only) instead of packed.
     """
     fp4 = dot == "fp16"
     codes = kw.act_code_format(dot)  # activation codes as the layer feeds them
-    types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16")
+    expand = expand and not fp4
+    types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16",
+                 w_ptr=_CODE_POINTER[codes] if expand else "*u8")
     const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
                  G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=kw._pow2(rank),
-                 A_BYTES=codes != "packed", SCALE_MMA=scale_mma, ON_GPU=True, **config.kwargs)
+                 A_BYTES=codes != "packed", W_BYTES=expand, SCALE_MMA=scale_mma, ON_GPU=True, **config.kwargs)
     signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(_ARGS) if name != "M"}
     src = ASTSource(fn=kw._w4a4_gemm_kernel, signature=signature, constexprs=const, attrs=attrs)
@@ -99,6 +104,16 @@ def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
     signature = {**dict(args), **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
     src = ASTSource(fn=kw._quantize_act_kernel, signature=signature, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
+
+
+def compile_expand(arch: int, dot: str, k: int = 3072):
+    """The weight expansion (packed INT4 -> one code per byte of the dot's type) compiled for sm_<arch>."""
+    args = [("w_ptr", "*u8"), ("out_ptr", _CODE_POINTER[dot]), ("N", "i32")]
+    const = dict(K=k, DOT=kw.DOTS[dot], BLOCK_N=64, BLOCK_K=128, ON_GPU=True)
+    signature = {**dict(args), **{name: "constexpr" for name in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
+    src = ASTSource(fn=kw._expand_weights_kernel, signature=signature, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
 
 
@@ -138,12 +153,16 @@ def main_loop_instructions(cubin: bytes) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
 
 
-def analyse(arch: int, dot: str, index: int, scale_mma=None) -> Report:
+def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None) -> Report:
+    """One config on one target; scale_mma and expand default to what w4a4_gemm picks for a bf16 model there."""
     config = kw.GEMM_CONFIGS[index]
     if scale_mma is None:
         scale_mma = kw.scale_mma_default(dot, arch, torch.bfloat16, torch.bfloat16)
+    if expand is None:
+        expand = kw.expand_weights_default(dot, arch)
     on_mma = scale_mma and dot != "fp16"  # NVFP4 scales are fp32 and E4M3: always FP32 multiplies
-    ck = compile_gemm(arch, dot, config, on_mma)
+    expand = expand and dot != "fp16"
+    ck = compile_gemm(arch, dot, config, on_mma, expand)
     regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
     ops = main_loop_instructions(ck.asm["cubin"])
     c = config.kwargs
@@ -160,7 +179,7 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None) -> Report:
     ttgir = ck.asm["ttgir"]
     waits = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", ttgir)]
     name = f"{c['BLOCK_M']}x{c['BLOCK_N']} w{warps} s{config.num_stages}"
-    return Report(index, arch, dot, name, on_mma, regs, spills, ops["LDL"] + ops["STL"], ck.metadata.shared, ctas,
+    return Report(index, arch, dot, name, on_mma, expand, regs, spills, ops["LDL"] + ops["STL"], ck.metadata.shared, ctas,
                   ttgir.count("async_copy_global_to_local"), bool(waits) and max(waits) == 0,
                   round(per_group, 1), round(fraction, 3), {op: n for op, n in ops.items() if "MMA" in op},
                   dict(ops.most_common(8)))
@@ -176,17 +195,22 @@ def main(argv=None) -> list[Report]:
     ap.add_argument("--configs", type=int, default=None, help="only the first N autotune configs")
     ap.add_argument("--scale-mma", choices=["auto", "on", "off", "both"], default="auto",
                     help="form s_a ⊗ s_w on the tensor cores: as w4a4_gemm does for bf16 (auto), always, never, or each")
+    ap.add_argument("--expand", choices=["auto", "on", "off", "both"], default="auto",
+                    help="weight codes expanded to one per byte before the GEMM: as w4a4_gemm does (auto), always, "
+                         "never, or each")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     targets = [(int(t.split(":")[0]), t.split(":")[1]) for t in args.targets]
     modes = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.scale_mma]
-    reports = [analyse(arch, dot, i, mode) for arch, dot in targets for i in range(len(kw.GEMM_CONFIGS[:args.configs]))
-               for mode in modes]
-    header = f"{'arch':>5} {'dot':>5} {'config':<16} {'sa⊗sw':>5} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
+    expands = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.expand]
+    reports = [analyse(arch, dot, i, mode, expand) for arch, dot in targets
+               for i in range(len(kw.GEMM_CONFIGS[:args.configs])) for mode in modes for expand in expands]
+    header = f"{'arch':>5} {'dot':>5} {'config':<16} {'sa⊗sw':>5} {'W':>6} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
              f"{'CTA/SM':>6} {'instr/group':>11} {'est. of peak':>12}"
     print(header)
     for r in reports:
         print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<16} {'MMA' if r.scale_mma else 'FP32':>5} "
+              f"{'bytes' if r.expand_weights else 'packed':>6} "
               f"{r.registers:>4} {r.spill_bytes:>5} {r.loop_spills:>7} {r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} "
               f"{r.instructions_per_group:>11.0f} {r.est_peak_fraction:>12.0%}")
     if args.json:

@@ -43,6 +43,10 @@ def test_gpu_benchmark_times_our_kernels_and_merges_piecewise_runs_into_markdown
     assert r.returncode == 0, r.stderr
     rows = json.loads(gemm.read_text())["gemm"]
     assert all(row["kernel"] == "fp8" and row["w4a4_gemm_ms"] > 0 and row["gemm_vs_bf16"] > 0 for row in rows)
+    # both choices the defaults make are timed: s_a ⊗ s_w, and weights expanded or packed (the interpreter: neither)
+    assert all(row["scale_mma"] is False and row["expand_weights"] is False for row in rows)
+    assert all(row["w4a4_gemm_other_scale_ms"] > 0 and row["w4a4_gemm_other_expand_ms"] > 0 and row["expand_ms"] > 0
+               for row in rows)
     r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--only", "flux", "--variants",
                         "bf16,int4_r32", "--profile", "--out", str(flux)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
@@ -58,6 +62,7 @@ def test_gpu_benchmark_times_our_kernels_and_merges_piecewise_runs_into_markdown
                for row in result["transformers"])
     text = md.read_text()
     assert "| 48×256×128 |" in text and "## Targets (issue #4)" in text and "## Profile: flux int4_r32 eager" in text
+    assert "## W4A4 GEMM variants" in text and "| FP32, packed |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")

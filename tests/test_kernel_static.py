@@ -52,6 +52,10 @@ def test_hopper_runs_fp8_wgmma_ada_fp8_and_ampere_int8_mma_sync(report):
         expected = {90: {"QGMMA", "HGMMA"}, 89: {"QMMA"}, 80: {"IMMA"}}[r["arch"]]
         assert set(r["mma_instructions"]) == expected, (r["config"], r["mma_instructions"])
         assert r["scale_mma"] == (r["arch"] == 90)
+        # H100 and A100 take weight codes expanded one per byte (no conversion in the K loop), Ada packed
+        assert r["expand_weights"] == (r["arch"] != 89)
+        converts = {"F2FP", "HADD2"} if r["dot"] == "fp8" else {"LOP3"}
+        assert bool(converts & set(r["top_instructions"])) != r["expand_weights"], (r["config"], r["top_instructions"])
         # codes become FP8/INT8 by bit ops and INT32 sums fp32 by the MMA's addend, never by int<->float conversions
         assert "I2F" not in r["top_instructions"] and "F2I" not in r["top_instructions"], r["top_instructions"]
 
@@ -72,3 +76,15 @@ def test_activation_kernel_compiles_for_each_code_format_and_target():
     rows = [line.split() for line in out.strip().splitlines()]
     assert [r[:2] for r in rows] == [["90", "fp8"], ["90", "packed"], ["80", "int8"]]
     assert all(r[2] == "0" and r[3] == "True" for r in rows)  # no spills; the codes are stored
+
+
+def test_weight_expansion_compiles_to_bit_operations_for_fp8_and_int8():
+    out = _compile_in_subprocess(
+        "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
+        "for arch, dot in [(90, 'fp8'), (80, 'int8')]:\n"
+        "    ptx = ks.compile_expand(arch, dot).asm['ptx']\n"
+        "    print(arch, dot, ks._ptxas_usage(ptx, arch)[1], 'cvt.rn.satfinite.e4m3x2.f16x2' in ptx,\n"
+        "          'mad.lo.u32' in ptx, 'cvt.rn.f32.s32' in ptx or 'cvt.rn.f16.s32' in ptx)\n")
+    rows = [line.split() for line in out.strip().splitlines()]
+    # FP8 through the fp16 bias trick, INT8 by the sign-extending multiply-add: no int-to-float conversions
+    assert rows == [["90", "fp8", "0", "True", "False", "False"], ["80", "int8", "0", "False", "True", "False"]]

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from pipeline.kernels.dispatch import kernel_mode  # noqa: E402
-from pipeline.kernels.triton_w4a4 import natural_order, quantize_act, w4a4_gemm  # noqa: E402
+from pipeline.kernels.triton_w4a4 import (expand_weight_codes, expand_weights_default, natural_order,  # noqa: E402
+                                          quantize_act, w4a4_gemm)
 from pipeline.quantization import numerics as nx  # noqa: E402
 from pipeline.quantization.quantizer import ActStats, svdquant_linear  # noqa: E402
 
@@ -82,6 +83,33 @@ def test_activation_codes_one_per_byte_in_the_dot_type(fmt, dtype, unsigned):
         w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, None, torch.float32, other)
 
 
+@pytest.mark.parametrize("fmt,dtype", [("fp8", torch.float8_e4m3fn), ("int8", torch.int8)])
+@pytest.mark.parametrize("k", [192, 256])  # the expansion's K tile: 64 or 128
+def test_weight_codes_expand_to_one_per_byte_in_the_gemm_k_order(fmt, dtype, k):
+    """The GEMM's other operand format: weights one per byte, in the order activations are written."""
+    layer, x = make_layer(5, k, 72, 16, False)  # 72 rows: a ragged tile of the expansion
+    wide = expand_weight_codes(layer.packed_codes, fmt)
+    assert wide.dtype == dtype and wide.shape == (72, k)
+    assert torch.equal(natural_order(wide), layer.qweight)
+    acts, _, _ = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt, block_m=16)
+    # both operands in one K order: a plain matmul of the codes gives the groups' integer dot products
+    assert torch.equal(acts.float() @ wide.float().T, natural_order(acts).float() @ layer.qweight.float().T)
+    with pytest.raises(ValueError, match="INT4 dots"):
+        expand_weight_codes(layer.packed_codes, "fp16")
+    with pytest.raises(ValueError, match="multiple of the INT4 group"):
+        expand_weight_codes(layer.packed_codes[:, :40], fmt)
+    other = "int8" if fmt == "fp8" else "fp8"
+    codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, block_m=16)
+    with pytest.raises(ValueError, match=f"weight codes of dtype {dtype} do not feed dot '{other}'"):
+        w4a4_gemm(codes, scales, wide, layer.wscales, low, layer.proj_up, None, torch.float32, other)
+
+
+def test_weights_expand_by_default_where_the_static_report_shows_it_pays():
+    assert expand_weights_default("fp8", 90) and expand_weights_default("int8", 80)
+    assert not any(expand_weights_default(dot, arch) for dot, arch in
+                   [("fp8", 89), ("int8", 86), ("int8", 90), ("fp16", 90), ("fp8", None)])
+
+
 def test_nvfp4_activation_rounding_at_ties_and_subnormal_scales():
     """E2M1 ties go to the even code, E4M3 scale ties to the even mantissa, tiny scales are subnormal."""
     row = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -1.75, -5.0, 0.1, -6.0, 4.9, 0.0, 2.9])
@@ -105,7 +133,8 @@ def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, 
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
                                       block_m=16, codes=fmt)
     y = w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias, dtype, dot,
-                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, scale_mma=m < 30)
+                  unsigned, layer.wtscale, layer.wcscales, block_m=16, block_n=32, scale_mma=m < 30,
+                  expand_weights=m > 16)
     ref = layer.reference_forward(x)
     assert y.dtype == dtype and y.shape == (m, n)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # fp32 accumulation order + output rounding
@@ -115,16 +144,17 @@ def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, 
 @pytest.mark.parametrize("scale_mma", [False, True])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, None])
 def test_gemm_is_exact_in_fp32_whatever_the_tiles(scale_mma, scale_dtype):
-    """Group products and s_a·s_w are exact, groups are added in K order: tiles and where s_a ⊗ s_w is
-    formed (tensor cores for 16-bit scales of one dtype, else FP32) change no bit in fp32."""
+    """Group products and s_a·s_w are exact, groups are added in K order: tiles, where s_a ⊗ s_w is
+    formed (tensor cores for 16-bit scales of one dtype, else FP32) and whether weight codes come packed
+    or expanded change no bit in fp32."""
     layer, x = make_layer(37, 256, 72, 0, False)
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, block_m=16)
     wscales = layer.wscales
     if scale_dtype is not None:  # as a 16-bit model has them (scales of fp32 x and bf16 weights otherwise)
         scales, wscales = scales.to(scale_dtype), wscales.to(scale_dtype)
     args = (codes, scales, layer.packed_codes, wscales, low, layer.proj_up, None, torch.float32)
-    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, scale_mma=scale_mma)
-    b = w4a4_gemm(*args, "int8", block_m=32, block_n=64, scale_mma=not scale_mma)
+    a = w4a4_gemm(*args, "fp8", block_m=16, block_n=16, scale_mma=scale_mma, expand_weights=scale_mma)
+    b = w4a4_gemm(*args, "int8", block_m=32, block_n=64, scale_mma=not scale_mma, expand_weights=not scale_mma)
     ref = nx.w4a4_matmul(nx.unpack_nibbles(codes, True), scales, layer.qweight, wscales, "int4")
     if DEVICE.type == "cpu":
         assert torch.equal(a, b) and torch.equal(a, ref)

@@ -17,6 +17,9 @@ Where the instructions go (benchmarks/kernel_static.py reports what each tile co
   (inline PTX on a GPU, the same arithmetic in Triton ops in the interpreter), never by
   int-to-float conversions, which run at a quarter rate. The GEMM's K order inside a group is that
   order (`_k_merge`); activations are written in it, so each group is one K = 64 dot.
+- Where the MMAs are fast enough for that conversion to cost more issue slots than memory traffic
+  (H100 FP8, A100 INT8: `expand_weights_default`), `expand_weight_codes` first writes the layer's
+  weight codes one per byte into a scratch tensor, and the K loop converts nothing.
 - INT8 sums become fp32 without conversions either: the MMA adds them to the bits of 1.5·2^23.
 - The rescale by s_a ⊗ s_w is the floor: two FP32 instructions per accumulator element and group,
   as long as the group's FP8 MMA. On Hopper the outer product goes to the tensor cores instead (an
@@ -254,37 +257,56 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
 # ---------- the W4A4 GEMM with the low-rank up projection in the epilogue ----------
 
 @triton.jit
+def _dot_codes(packed, SIGNED: tl.constexpr, DOT: tl.constexpr, ON_GPU: tl.constexpr, ROWS: tl.constexpr,
+               COLS: tl.constexpr):
+    """Packed INT4 codes (ROWS, COLS/2) -> one per byte in the dot's type (FP8 or INT8), in the GEMM's K order."""
+    if DOT == 0:
+        lo, hi = _nibbles_f8(packed, SIGNED, ON_GPU)
+    else:
+        lo, hi = _nibbles_i8(packed, SIGNED, ON_GPU)
+    return _k_merge(lo, hi, ROWS, COLS)
+
+
+@triton.jit
 def _group_dot(a_ptrs, w_ptrs, DOT: tl.constexpr, SIGNED_A: tl.constexpr, A_BYTES: tl.constexpr,
-               ON_GPU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr):
+               W_BYTES: tl.constexpr, ON_GPU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               G: tl.constexpr):
     """The exact code dot product of one K group: (BLOCK_M, BLOCK_N) fp32, one K = G dot.
 
-    Activation codes come one per byte in the dot's type, already in the GEMM's K order (_k_merge),
-    straight from memory to the tensor cores, or packed like the weights.
+    Codes of either operand come one per byte in the dot's type, already in the GEMM's K order
+    (_k_merge), straight from memory to the tensor cores, or packed two per byte and converted here.
     """
-    wb = tl.load(w_ptrs)  # rows and columns wrapped into range: no masks, no predicates in the K loop
+    # rows and columns wrapped into range: no masks, no predicates in the K loop
+    if DOT == 2:  # NVFP4 emulated: fp16 values, K = 16
+        return tl.dot(_fp4_values(tl.load(a_ptrs)), tl.trans(_fp4_values(tl.load(w_ptrs))), out_dtype=tl.float32)
+    if W_BYTES:
+        w = tl.load(w_ptrs)
+    else:
+        w = _dot_codes(tl.load(w_ptrs), True, DOT, ON_GPU, BLOCK_N, G)
     if A_BYTES:
         a = tl.load(a_ptrs)
     else:
-        ab = tl.load(a_ptrs)
-    if DOT == 2:  # NVFP4 emulated: fp16 values, K = 16
-        out = tl.dot(_fp4_values(ab), tl.trans(_fp4_values(wb)), out_dtype=tl.float32)
-    elif DOT == 0:
-        if not A_BYTES:
-            a_lo, a_hi = _nibbles_f8(ab, SIGNED_A, ON_GPU)
-            a = _k_merge(a_lo, a_hi, BLOCK_M, G)
-        w_lo, w_hi = _nibbles_f8(wb, True, ON_GPU)
-        out = tl.dot(a, tl.trans(_k_merge(w_lo, w_hi, BLOCK_N, G)), out_dtype=tl.float32)
-    else:
-        if not A_BYTES:
-            a_lo, a_hi = _nibbles_i8(ab, SIGNED_A, ON_GPU)
-            a = _k_merge(a_lo, a_hi, BLOCK_M, G)
-        w_lo, w_hi = _nibbles_i8(wb, True, ON_GPU)
-        # int32 -> fp32 without int-to-float conversions (a quarter rate): the MMA adds the codes'
-        # dot product to the bits of 1.5 * 2^23, where one integer step is one fp32 ulp.
-        magic = tl.full((BLOCK_M, BLOCK_N), 0x4B400000, tl.int32)
-        out = tl.dot(a, tl.trans(_k_merge(w_lo, w_hi, BLOCK_N, G)), magic, out_dtype=tl.int32)
-        out = out.to(tl.float32, bitcast=True) - 12582912.0
-    return out
+        a = _dot_codes(tl.load(a_ptrs), SIGNED_A, DOT, ON_GPU, BLOCK_M, G)
+    if DOT == 0:
+        return tl.dot(a, tl.trans(w), out_dtype=tl.float32)
+    # int32 -> fp32 without int-to-float conversions (a quarter rate): the MMA adds the codes'
+    # dot product to the bits of 1.5 * 2^23, where one integer step is one fp32 ulp.
+    magic = tl.full((BLOCK_M, BLOCK_N), 0x4B400000, tl.int32)
+    out = tl.dot(a, tl.trans(w), magic, out_dtype=tl.int32)
+    return out.to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _expand_weights_kernel(w_ptr, out_ptr, N, K: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, ON_GPU: tl.constexpr):
+    """Packed signed INT4 weight codes -> one per byte in the dot's type and the GEMM's K order."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    half = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = rows < N
+    packed = tl.load(w_ptr + rows[:, None] * (K // 2) + half[None, :], mask=ok[:, None], other=0)
+    codes = _dot_codes(packed, True, DOT, ON_GPU, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], codes.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -318,7 +340,8 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
                       K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                      A_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr, ON_GPU: tl.constexpr):
+                      A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
+                      ON_GPU: tl.constexpr):
     # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -329,21 +352,21 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     pid_n = (pid % in_group) // size_m
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, G // 2)
     row_ok, col_ok = rows < M, cols < N
     # Rows and columns past the edge read row M-1's and column N-1's data instead (wrapped): the
     # K loop then needs no masks, and their results are never stored.
     rows_in, cols_in = tl.where(row_ok, rows, M - 1), tl.where(col_ok, cols, N - 1)
     groups: tl.constexpr = K // G
     A_STEP: tl.constexpr = G if A_BYTES else G // 2  # bytes of one activation group
-    a_ptrs = a_ptr + rows_in[:, None] * (K // G * A_STEP) + tl.arange(0, A_STEP)[None, :]
-    w_ptrs = w_ptr + cols_in[:, None] * (K // 2) + half[None, :]
+    W_STEP: tl.constexpr = G if W_BYTES else G // 2  # and of one weight group
+    a_ptrs = a_ptr + rows_in[:, None] * (groups * A_STEP) + tl.arange(0, A_STEP)[None, :]
+    w_ptrs = w_ptr + cols_in[:, None] * (groups * W_STEP) + tl.arange(0, W_STEP)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, groups):
-        part = _group_dot(a_ptrs, w_ptrs, DOT, SIGNED_A, A_BYTES, ON_GPU, BLOCK_M, BLOCK_N, G)
+        part = _group_dot(a_ptrs, w_ptrs, DOT, SIGNED_A, A_BYTES, W_BYTES, ON_GPU, BLOCK_M, BLOCK_N, G)
         acc += part * _group_scales(as_ptr, ws_ptr, g, M, N, rows_in, cols_in, DOT, SCALE_MMA)
         a_ptrs += A_STEP
-        w_ptrs += G // 2
+        w_ptrs += W_STEP
     if DOT == 2:
         acc = acc * tl.load(wt_ptr).to(tl.float32)
     if HAS_WC:
@@ -382,7 +405,8 @@ def _prune(configs, named_args, arch: Optional[int] = None, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in spills]
 
 
-_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "SCALE_MMA"],
+_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "W_BYTES",
+                                                                 "SCALE_MMA"],
                              prune_configs_by={"early_config_prune": _prune})(_w4a4_gemm_kernel)
 
 
@@ -443,6 +467,34 @@ def natural_order(codes: torch.Tensor) -> torch.Tensor:
     return codes.float().to(torch.int8).view(m, k // 8, 2, 4).transpose(-1, -2).reshape(m, k)
 
 
+def expand_weight_codes(w_codes: torch.Tensor, dot: str) -> torch.Tensor:
+    """Packed signed INT4 weight codes (N, K/2) -> one per byte (N, K) in the dot's type ("fp8" | "int8")
+    and the GEMM's K order, as quantize_act writes activation codes: a per-call scratch copy."""
+    if dot not in ("fp8", "int8"):
+        raise ValueError(f"weight codes expand for the INT4 dots 'fp8' and 'int8', not {dot!r}")
+    w_codes = w_codes.contiguous()
+    n, k = w_codes.shape[0], w_codes.shape[1] * 2
+    if k % INT4_GROUP:
+        raise ValueError(f"K = {k} is not a multiple of the INT4 group size {INT4_GROUP}")
+    out = torch.empty(n, k, dtype=CODE_FORMATS[dot][1], device=w_codes.device)
+    block_n, block_k = 64, 128 if k % 128 == 0 else 64
+    _expand_weights_kernel[(triton.cdiv(n, block_n), k // block_k)](
+        w_codes, out, n, K=k, DOT=DOTS[dot], BLOCK_N=block_n, BLOCK_K=block_k, ON_GPU=not interpreting())
+    return out
+
+
+# Where expanding weight codes before the GEMM pays: the K loop's conversion costs issue slots that
+# H100's FP8 and A100's INT8 MMAs would otherwise overlap (benchmarks/kernel_static.py: 239 -> 175 and
+# 488 -> 343 instructions per group at 128x64), for N·K·1.5 bytes of extra memory traffic per call.
+# On Ada (FP8) and GA10x (sm_86, INT8) the slower MMAs hide the conversion already.
+_EXPAND_WEIGHTS = {("fp8", 90), ("int8", 80)}
+
+
+def expand_weights_default(dot: str, arch: Optional[int]) -> bool:
+    """Expand packed weight codes to one per byte before the GEMM (gpu_bench times both ways)?"""
+    return (dot, arch) in _EXPAND_WEIGHTS
+
+
 def scale_mma_default(dot: str, arch: Optional[int], a_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
     """Form s_a ⊗ s_w on the tensor cores? Where it is exact (16-bit scales of one dtype, INT4) and pays:
     Hopper (arch 90), whose warpgroup MMA takes the 16-wide operand as it is. With mma.sync (Ampere,
@@ -452,25 +504,34 @@ def scale_mma_default(dot: str, arch: Optional[int], a_dtype: torch.dtype, w_dty
 
 def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
               unsigned: bool = False, wtscale=None, wcscales=None, *, block_m: Optional[int] = None,
-              block_n: Optional[int] = None, scale_mma: Optional[bool] = None):
+              block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
+              expand_weights: Optional[bool] = None):
     """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ -> (M, N).
 
     a_codes: packed (M, K/2) uint8, or one per byte (M, K) as quantize_act writes them for dot "fp8"
-    (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2). dot: "fp8" | "int8" (INT4) or "fp16" (NVFP4,
-    w_scales float8_e4m3fn, wtscale a 0-d fp32 tensor). scale_mma: form s_a ⊗ s_w on the tensor cores
-    or with FP32 multiplies (default: scale_mma_default). With block_m/block_n given, or in
-    the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
+    (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2), or one per byte (N, K) as
+    expand_weight_codes writes them. dot: "fp8" | "int8" (INT4) or "fp16" (NVFP4, w_scales
+    float8_e4m3fn, wtscale a 0-d fp32 tensor). scale_mma: form s_a ⊗ s_w on the tensor cores or with
+    FP32 multiplies (default: scale_mma_default). expand_weights: expand packed weight codes to one per
+    byte first, into a scratch tensor (default: expand_weights_default). With block_m/block_n given,
+    or in the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
     """
     fp4 = dot == "fp16"
     if fp4 and w_scales.dtype == torch.float8_e4m3fn:
         w_scales = w_scales.view(torch.uint8)
+    arch = device_arch(a_codes.device)
+    if w_codes.dtype == torch.uint8 and not fp4 and (
+            expand_weights if expand_weights is not None else expand_weights_default(dot, arch)):
+        w_codes = expand_weight_codes(w_codes, dot)
     a_codes, w_codes, low, proj_up = (t.contiguous() for t in (a_codes, w_codes, low, proj_up))
     a_scales, w_scales = a_scales.t().contiguous(), w_scales.t().contiguous()  # group-major: free for our layouts
-    a_bytes = a_codes.dtype != torch.uint8
-    if a_bytes and a_codes.dtype != CODE_FORMATS.get(dot, (0, None))[1]:
-        raise ValueError(f"activation codes of dtype {a_codes.dtype} do not feed dot {dot!r}: quantize them with "
-                         f"codes={dot!r} or 'packed'")
-    m, k = a_codes.shape[0], w_codes.shape[1] * 2
+    a_bytes, w_bytes = a_codes.dtype != torch.uint8, w_codes.dtype != torch.uint8
+    for name, codes, bytes_ in (("activation", a_codes, a_bytes), ("weight", w_codes, w_bytes)):
+        if bytes_ and codes.dtype != CODE_FORMATS.get(dot, (0, None))[1]:
+            how = "quantize them with codes=" if name == "activation" else "expand them with dot="
+            raise ValueError(f"{name} codes of dtype {codes.dtype} do not feed dot {dot!r}: {how}{dot!r} or "
+                             f"pass them packed (uint8)")
+    m, k = a_codes.shape[0], w_codes.shape[1] * (1 if w_bytes else 2)
     n = w_codes.shape[0]
     r = proj_up.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
@@ -479,8 +540,9 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
             wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy, out, m, n)
     meta = dict(K=k, R=r, DOT=DOTS[dot], SIGNED_A=not unsigned or fp4, HAS_BIAS=bias is not None,
                 HAS_WC=wcscales is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r),
-                A_BYTES=a_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else scale_mma_default(
-                    dot, device_arch(a_codes.device), a_scales.dtype, w_scales.dtype)) and not fp4,
+                A_BYTES=a_bytes, W_BYTES=w_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else
+                                                             scale_mma_default(dot, arch, a_scales.dtype,
+                                                                               w_scales.dtype)) and not fp4,
                 ON_GPU=not interpreting())  # inline PTX, TF32x3; the interpreter runs the same math in Triton ops
     if block_m or block_n or interpreting() or a_codes.device.type != "cuda":
         block_m, block_n = block_m or 32, block_n or 32
