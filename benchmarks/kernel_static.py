@@ -99,7 +99,7 @@ def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
     """The activation kernel compiled for sm_<arch>, writing codes as `codes` ("packed" | "fp8" | "int8")."""
     args = [("x_ptr", "*bf16"), ("smooth_ptr", "*bf16"), ("down_ptr", "*bf16"), ("codes_ptr", _CODE_POINTER[codes]),
             ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("shift", "fp32")]
-    const = dict(K=k, R=rank, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=kw.CODE_FORMATS[codes][0],
+    const = dict(K=k, R=rank, HAS_SHIFT=False, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=kw.CODE_FORMATS[codes][0],
                  BLOCK_M=32, BLOCK_R=kw._pow2(rank), ON_GPU=True)
     signature = {**dict(args), **{name: "constexpr" for name in const}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
@@ -115,6 +115,14 @@ def compile_expand(arch: int, dot: str, k: int = 3072):
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
     src = ASTSource(fn=kw._expand_weights_kernel, signature=signature, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
+
+
+def quantize_instructions(arch: int, codes: str) -> tuple[float, collections.Counter]:
+    """SASS instructions per activation element of the activation kernel's K loop, and the loop's opcodes."""
+    ck = compile_quantize(arch, codes)
+    ops = main_loop_instructions(ck.asm["cubin"])
+    elements = 32 * kw.INT4_GROUP / (4 * 32)  # BLOCK_M x one group, over 4 warps' threads
+    return sum(ops.values()) / elements, ops
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -213,6 +221,10 @@ def main(argv=None) -> list[Report]:
               f"{'bytes' if r.expand_weights else 'packed':>6} "
               f"{r.registers:>4} {r.spill_bytes:>5} {r.loop_spills:>7} {r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} "
               f"{r.instructions_per_group:>11.0f} {r.est_peak_fraction:>12.0%}")
+    for arch, dot in targets:
+        if dot != "fp16":
+            per_element, _ = quantize_instructions(arch, kw.act_code_format(dot))
+            print(f"activation kernel, sm_{arch} {dot} codes: {per_element:.0f} instructions per element")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1))

@@ -78,6 +78,22 @@ def test_activation_kernel_compiles_for_each_code_format_and_target():
     assert all(r[2] == "0" and r[3] == "True" for r in rows)  # no spills; the codes are stored
 
 
+def test_activation_kernel_rounds_and_converts_without_int_float_conversions():
+    """Codes go float -> FP8 (F2FP) or INT8 (a magic add), rounding is one FRND, the low-rank product
+    of 16-bit inputs is one 16-bit MMA per tile (no TF32x3 splitting)."""
+    out = _compile_in_subprocess(
+        "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
+        "for arch, codes in [(90, 'fp8'), (80, 'int8')]:\n"
+        "    per, ops = ks.quantize_instructions(arch, codes)\n"
+        "    print(arch, codes, round(per), ops['F2I'] + ops['I2F'], ops['FRND'], ops['HMMA'])\n")
+    for line in out.strip().splitlines():
+        arch, codes, per_element, conversions, rounds, mmas = line.split()
+        assert conversions == "0", line
+        assert int(rounds) == 16, line  # one per element a thread holds (32 x 64 over 128 threads)
+        assert int(mmas) <= 8, line  # (32 x 64) x (64 x 32) as m16n8k16: 8 per warp (TF32x3 took 96)
+        assert int(per_element) < 40, line  # it was 100 with floor rounding, int codes and TF32x3
+
+
 def test_weight_expansion_compiles_to_bit_operations_for_fp8_and_int8():
     out = _compile_in_subprocess(
         "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"

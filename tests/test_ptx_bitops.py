@@ -100,6 +100,8 @@ def run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
             regs[dst] = _sub_f16x2(val(args[0]), val(args[1]))
         elif op == "cvt.rn.satfinite.e4m3x2.f16x2":
             regs[dst] = _cvt_e4m3x2(val(args[0]))
+        elif op == "cvt.rni.f32.f32":  # to the nearest integer, ties to even (registers hold fp32 bits)
+            regs[dst] = int(np.rint(np.array([val(args[0])], np.uint32).view(np.float32)).view(np.uint32)[0])
         else:
             raise NotImplementedError(f"PTX op {op!r} in {line!r}: teach run_ptx its semantics")
     return regs
@@ -145,3 +147,10 @@ def test_the_interpreter_checks_what_it_claims():
     assert _codes(regs["$0"], torch.float8_e4m3fn) != lo
     assert _lop3(0xF0, 0xCC, 0xAA, 0x6A) == 0x6A  # the LUT convention: F(a=0xF0, b=0xCC, c=0xAA)
     assert _prmt(0x44332211, 0x88776655, 0x8F40) == 0x00FF5511  # bytes a0, b0, sign of b3, sign of a0
+
+
+def test_activation_rounding_ptx_is_torch_round_at_ties():
+    """The activation kernel rounds q = x̂·(1/s) with one cvt.rni: ties to even, like torch.round."""
+    q = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 6.5, 7.5, -7.5, 2.4999998, 3.0000002, 14.5, -0.0])
+    out = [run_ptx(kw._RINT_ASM.value, {"$1": b & MASK})["$0"] for b in q.view(torch.int32).tolist()]
+    assert torch.equal(torch.tensor(out, dtype=torch.int64).to(torch.int32).view(torch.float32), torch.round(q))

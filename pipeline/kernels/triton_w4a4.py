@@ -49,9 +49,18 @@ DOTS = {"fp8": 0, "int8": 1, "fp16": 2}
 
 # ---------- number formats, in arithmetic the interpreter and the GPU agree on ----------
 
+_RINT_ASM = tl.constexpr("cvt.rni.f32.f32 $0, $1;")  # round to nearest integer, ties to even
+
+
 @triton.jit
-def _round_half_even(q):
-    """torch.round's rounding (ties to even), without libdevice so the interpreter runs it too."""
+def _round_half_even(q, ON_GPU: tl.constexpr):
+    """torch.round's rounding (ties to even): one cvt.rni on a GPU, floor arithmetic in the interpreter.
+
+    (Not floor(q + 0.5) on a GPU: the compiler contracts a product q = a·b into fma(a, b, 0.5), which
+    rounds the exact product, not q, and so can differ from torch at ties.)
+    """
+    if ON_GPU:
+        return tl.inline_asm_elementwise(_RINT_ASM, "=r,r", [q], dtype=tl.float32, is_pure=True, pack=1)
     r = tl.floor(q + 0.5)
     tie = (r - q) == 0.5
     odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
@@ -59,12 +68,12 @@ def _round_half_even(q):
 
 
 @triton.jit
-def _e4m3_round(v):
+def _e4m3_round(v, ON_GPU: tl.constexpr):
     """Nearest FP8 E4M3 value of 0 <= v <= 448 (ties to even), as fp32: torch's .to(float8_e4m3fn)."""
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6)  # below 2^-6 E4M3 is subnormal: fixed step 2^-9
     quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(v / quantum) * quantum
+    return _round_half_even(v / quantum, ON_GPU) * quantum
 
 
 @triton.jit
@@ -79,11 +88,11 @@ def _e4m3_decode(bits):
 
 
 @triton.jit
-def _e2m1_encode(v):
+def _e2m1_encode(v, ON_GPU: tl.constexpr):
     """fp32 -> E2M1 code (sign << 3 | index of {0, .5, 1, 1.5, 2, 3, 4, 6}), nearest, ties to even."""
     a = tl.minimum(tl.abs(v), 6.0)
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    m = _round_half_even(a / step) * step
+    m = _round_half_even(a / step, ON_GPU) * step
     idx = tl.where(m < 2.0, m * 2.0, tl.where(m < 4.0, m + 2.0, m * 0.5 + 4.0)).to(tl.int32)
     return idx | tl.where((v < 0) & (idx > 0), 8, 0)
 
@@ -207,8 +216,9 @@ def _k_merge(lo, hi, ROWS: tl.constexpr, G: tl.constexpr):
 
 @triton.jit
 def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, K: tl.constexpr,
-                         R: tl.constexpr, shift, UNSIGNED: tl.constexpr, FP4: tl.constexpr, G: tl.constexpr,
-                         CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, ON_GPU: tl.constexpr):
+                         R: tl.constexpr, shift, HAS_SHIFT: tl.constexpr, UNSIGNED: tl.constexpr, FP4: tl.constexpr,
+                         G: tl.constexpr, CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                         ON_GPU: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, G)
@@ -219,38 +229,42 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
     for g in range(0, K // G):
         k = g * G + cols
         x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
-        x = (x.to(tl.float32) + shift).to(x.dtype)  # as torch adds a Python float: fp32 math, rounded
+        if HAS_SHIFT:
+            x = (x.to(tl.float32) + shift).to(x.dtype)  # as torch adds a Python float: fp32 math, rounded
         down = tl.load(down_ptr + k[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
-        # fp32-level accuracy on the tensor cores (three TF32 products per term); the interpreter runs fp32
-        low += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
+        if x.dtype == down.dtype and x.dtype != tl.float32:  # 16-bit: exact products, fp32 sums, one MMA
+            low += tl.dot(x, down, out_dtype=tl.float32)
+        else:  # fp32-level accuracy on the tensor cores (three TF32 products per term); the interpreter: fp32
+            low += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
         sm = tl.load(smooth_ptr + k).to(x.dtype).to(tl.float32)
         xs = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype).to(tl.float32)
         amax = tl.max(tl.abs(xs), axis=1)
         if FP4:
-            scale = _e4m3_round(tl.minimum(tl.math.div_rn(amax, 6.0), 448.0))
+            scale = _e4m3_round(tl.minimum(tl.math.div_rn(amax, 6.0), 448.0), ON_GPU)
             safe = tl.where(scale > 0, scale, 1.0)
             v = tl.where(scale[:, None] > 0, tl.math.div_rn(xs, safe[:, None]), 0.0)
-            q = _e2m1_encode(v)
+            q = _e2m1_encode(v, ON_GPU)
             tl.store(scales_ptr + g * M + rows, scale, mask=row_ok)
         else:
             qmax = 15.0 if UNSIGNED else 7.0
             scale = tl.math.div_rn(amax, qmax).to(x.dtype)
             inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale.to(tl.float32)), 0.0)
-            qf = _round_half_even(xs * inv[:, None])
-            qf = tl.minimum(tl.maximum(qf, 0.0 if UNSIGNED else -8.0), qmax)
-            q = qf.to(tl.int32)
+            q = _round_half_even(xs * inv[:, None], ON_GPU)
+            q = tl.minimum(tl.maximum(q, 0.0 if UNSIGNED else -8.0), qmax)  # integer-valued fp32
             tl.store(scales_ptr + g * M + rows, scale, mask=row_ok)
         lo, hi = tl.split(tl.reshape(q, (BLOCK_M, G // 2, 2)))  # codes 2j and 2j+1
         if CODES == 0:  # two per byte
+            lo, hi = lo.to(tl.int32), hi.to(tl.int32)
             packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
             tl.store(codes_ptr + rows[:, None] * (K // 2) + (g * (G // 2) + half)[None, :], packed,
                      mask=row_ok[:, None])
         else:  # one per byte, in the dot's type (fp8 or int8) and the GEMM's K order
             merged = _k_merge(lo, hi, BLOCK_M, G)
-            if CODES == 1:  # int -> fp8 goes through fp16 (exact for 4-bit codes)
-                merged = merged.to(tl.float16)
-            tl.store(codes_ptr + rows[:, None] * K + (g * G + cols)[None, :], merged.to(codes_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            if CODES == 1:  # fp32 -> e4m3 directly: 4-bit codes are exact in it
+                codes = merged.to(tl.float8e4nv)
+            else:  # the low byte of 1.5·2^23 + q is q (two's complement): no float -> int conversion
+                codes = (merged + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+            tl.store(codes_ptr + rows[:, None] * K + (g * G + cols)[None, :], codes, mask=row_ok[:, None])
     tl.store(low_ptr + rows[:, None] * R + rr[None, :], low, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
@@ -456,7 +470,8 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor,
     scales = torch.empty(k // group, m, dtype=torch.float32 if fp4 else x.dtype, device=x.device)
     low = torch.empty(m, r, dtype=torch.float32, device=x.device)
     _quantize_act_kernel[(triton.cdiv(m, block_m),)](
-        x, smooth, proj_down, codes, scales, low, m, k, r, float(shift), UNSIGNED=unsigned and not fp4, FP4=fp4,
+        x, smooth, proj_down, codes, scales, low, m, k, r, float(shift), HAS_SHIFT=bool(shift),
+        UNSIGNED=unsigned and not fp4, FP4=fp4,
         G=group, CODES=fmt, BLOCK_M=block_m, BLOCK_R=_pow2(r), ON_GPU=not interpreting())
     return codes, scales.t(), low
 
