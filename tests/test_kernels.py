@@ -131,6 +131,9 @@ def test_nvfp4_activation_rounding_at_ties_and_subnormal_scales():
 def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, dtype):
     layer, x = make_layer(m, k, n, rank, unsigned, precision)
     x = x.to(dtype)
+    if dtype != torch.float32:  # as a 16-bit model holds them (the up projection then splits only `low`)
+        layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
+                                                                             layer.proj_up))
     fmt = dot if precision == "int4" and m % 2 else "packed"  # activation codes in both formats
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
                                       block_m=16, codes=fmt)

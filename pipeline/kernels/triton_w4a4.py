@@ -24,11 +24,13 @@ Where the instructions go (benchmarks/kernel_static.py reports what each tile co
 - The rescale by s_a ⊗ s_w is the floor: two FP32 instructions per accumulator element and group,
   as long as the group's FP8 MMA. On Hopper the outer product goes to the tensor cores instead (an
   exact K = 16 dot, `_group_scales`), leaving one FMA.
-- The low-rank branches (K = rank) run on tensor cores as TF32x3, fp32-level accuracy.
+- The low-rank branches (K = rank) run on tensor cores with fp32-level accuracy: down as a 16-bit
+  MMA (exact products of 16-bit x and proj_down), up as two TF32 MMAs (only fp32 `low` needs
+  splitting), TF32x3 where the model is fp32.
 NVFP4 groups (16 codes) are re-interleaved (tl.interleave), since a K=8 dot does not exist.
 
 Both kernels match pipeline/quantization/numerics.py up to fp32 rounding of the scale multiply-adds
-(and TF32x3's of the low-rank terms on a GPU).
+(and the TF32 splits' of the low-rank up projection on a GPU).
 K and R are compile-time constants (a model has few distinct values; it also keeps Triton's CPU
 interpreter working with NumPy 2.4, which refuses int() of the 1-element arrays it passes).
 Tiles are autotuned on a GPU (`GEMM_CONFIGS`); the interpreter uses the fixed small tiles given.
@@ -390,10 +392,18 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     rr = tl.arange(0, BLOCK_R)
     low = tl.load(low_ptr + rows[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
     up = tl.load(up_ptr + cols[None, :] * R + rr[:, None], mask=col_ok[None, :] & (rr[:, None] < R), other=0.0)
-    # The low-rank branch (K = rank) on the tensor cores with fp32-level accuracy (three TF32 products
-    # per term); as IEEE fp32 FMAs it cost a sixth of the whole GEMM at K = 3072. The interpreter
-    # computes it in fp32.
-    acc += tl.dot(low, up.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
+    # The low-rank branch (K = rank) on the tensor cores with fp32-level accuracy; as IEEE fp32 FMAs
+    # it cost a sixth of the whole GEMM at K = 3072. A 16-bit proj_up is exact in TF32, so only the
+    # fp32 `low` is split (its top 11 bits, then the rest): two TF32 products per term instead of
+    # TF32x3's three, an eighth of the K loop's MMA time at rank 32 down to a twelfth. The interpreter
+    # runs the same split in fp32.
+    if up.dtype != tl.float32:
+        big = (low.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # 0xFFFFE000: TF32's bits
+        precision: tl.constexpr = "tf32" if ON_GPU else "ieee"
+        acc += tl.dot(big, up.to(tl.float32), input_precision=precision)
+        acc += tl.dot(low - big, up.to(tl.float32), input_precision=precision)
+    else:
+        acc += tl.dot(low, up, input_precision="tf32x3" if ON_GPU else "ieee")
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -558,7 +568,7 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
                 A_BYTES=a_bytes, W_BYTES=w_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else
                                                              scale_mma_default(dot, arch, a_scales.dtype,
                                                                                w_scales.dtype)) and not fp4,
-                ON_GPU=not interpreting())  # inline PTX, TF32x3; the interpreter runs the same math in Triton ops
+                ON_GPU=not interpreting())  # inline PTX, TF32 splits; the interpreter runs the same math in Triton ops
     if block_m or block_n or interpreting() or a_codes.device.type != "cuda":
         block_m, block_n = block_m or 32, block_n or 32
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
