@@ -510,7 +510,7 @@ def expand_weight_codes(w_codes: torch.Tensor, dot: str) -> torch.Tensor:
 
 # Where expanding weight codes before the GEMM pays: the K loop's conversion costs issue slots that
 # H100's FP8 and A100's INT8 MMAs would otherwise overlap (benchmarks/kernel_static.py: 239 -> 175 and
-# 488 -> 343 instructions per group at 128x64), for N·K·1.5 bytes of extra memory traffic per call.
+# 488 -> ~350 instructions per group at 128x64), for N·K·1.5 bytes of extra memory traffic per call.
 # On Ada (FP8) and GA10x (sm_86, INT8) the slower MMAs hide the conversion already.
 _EXPAND_WEIGHTS = {("fp8", 90), ("int8", 80)}
 
