@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #4's GPU work on a lent GPU machine, in as few device calls as fit its 10-minute limit.
 # Here first: `make gpu-wheels` (diffusers, hydra, omegaconf, antlr4, bitsandbytes into .whl/). Then:
-#   run(command="bash benchmarks/device_run.sh tests gemm", carry=[".whl"])
+#   run(command="bash benchmarks/device_run.sh tests", carry=[".whl"])
+#   run(command="bash benchmarks/device_run.sh gemm", carry=[".whl"])   (autotunes 3 kernel variants per shape)
 #   run(command="bash benchmarks/device_run.sh flux", carry=[".whl"])
 #   run(command="bash benchmarks/device_run.sh qwen", carry=[".whl"])
 # and merge what came back:
