@@ -109,12 +109,13 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
             row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt),
                                         device, iters)
             # the other way of forming s_a ⊗ s_w (tensor cores vs FP32), so a run shows which default pays
-            row["scale_mma"] = scale_mma_default(mode, device_arch(device), scales.dtype, layer.wscales.dtype)
+            arch = device_arch(device)
+            row["scale_mma"] = scale_mma_default(mode, arch, scales.dtype, layer.wscales.dtype)
             row["w4a4_gemm_other_scale_ms"] = timed(
                 lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
                                   dtype, mode, scale_mma=not row["scale_mma"]), device, iters)
             # and weight codes packed vs expanded one per byte first (the expansion is inside the timings)
-            row["expand_weights"] = expand_weights_default(mode, device_arch(device))
+            row["expand_weights"] = expand_weights_default(mode, arch)
             row["w4a4_gemm_other_expand_ms"] = timed(
                 lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
                                   dtype, mode, expand_weights=not row["expand_weights"]), device, iters)

@@ -22,7 +22,7 @@ AWQ_MAX_ROWS = 16  # an AWQ layer with more input rows than this dequantizes and
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
+def capability(device: torch.device) -> tuple[int, int]:
     """Compute capability, asked once per GPU: the layers ask on every call."""
     index = device.index
     if index is None:
@@ -46,7 +46,7 @@ def kernel_mode(device: torch.device, precision: str) -> str:
         return "reference"
     if device.type != "cuda":  # the interpreter
         return "fp16" if precision == "nvfp4" else os.environ.get("SVDQ_KERNEL_DOT", "fp8")
-    cc = _capability(device)
+    cc = capability(device)
     if precision == "nvfp4":
         return "fp16" if cc >= (8, 0) else "reference"
     if cc >= (8, 9):
@@ -58,7 +58,7 @@ def awq_kernel(device: torch.device, rows: int) -> bool:
     """AWQ W4A16 layers with few input rows (the modulation) use the Triton GEMV on CUDA 7.0+."""
     if rows > AWQ_MAX_ROWS or not _triton_runs_on(device):
         return False
-    return device.type != "cuda" or _capability(device) >= (7, 0)
+    return device.type != "cuda" or capability(device) >= (7, 0)
 
 
 def describe(device: torch.device, precision: str) -> str:

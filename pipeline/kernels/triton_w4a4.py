@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pipeline.kernels.dispatch import capability
+
 INT4_GROUP, NVFP4_GROUP = 64, 16
 DOTS = {"fp8": 0, "int8": 1, "fp16": 2}
 
@@ -442,7 +444,7 @@ def device_arch(device: torch.device) -> Optional[int]:
     """Compute capability as 90, 80, ...; None off CUDA (the interpreter)."""
     if device.type != "cuda" or interpreting():
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability(device)  # asked once per GPU: every GEMM call needs it
     return major * 10 + minor
 
 
