@@ -9,6 +9,9 @@
 #   python benchmarks/gpu_bench.py --report <gemm.json> <flux.json> <qwen.json> \
 #       --out docs/benchmarks.json --markdown docs/benchmarks.md
 # Parts: tests (GPU tests: kernels vs reference, tiny pipeline vs reference path), gemm, flux, qwen.
+# A device call is killed at 600 s, so each part stops itself first: the benchmark starts no new
+# measurement after BUDGET_S (its JSON, rewritten after every row, then says it is incomplete), and
+# LIMIT_S interrupts whatever still runs, before the hard kill, so the files and the log come back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/device}
@@ -20,10 +23,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 status=0
 for part in "$@"; do
   case "$part" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_numerics.py 2>&1 \
+    tests) timeout -s INT -k 15 "${LIMIT_S:-570}" \
+             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_numerics.py 2>&1 \
              | tee "$OUT/tests.txt" || status=1 ;;
-    gemm|flux|qwen) python3 benchmarks/gpu_bench.py --only "$part" --profile --out "$OUT/$part.json" \
-             ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$part.txt" || status=1 ;;
+    gemm|flux|qwen) timeout -s INT -k 15 "${LIMIT_S:-570}" \
+             python3 benchmarks/gpu_bench.py --only "$part" --profile --out "$OUT/$part.json" \
+             --time-budget-s "${BUDGET_S:-450}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$part.txt" || status=1 ;;
     *) echo "unknown part '$part' (tests | gemm | flux | qwen)" >&2; exit 2 ;;
   esac
 done

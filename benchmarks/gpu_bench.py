@@ -79,10 +79,12 @@ def random_svdq(n: int, k: int, rank: int, unsigned: bool, device, dtype):
 
 # ---------- GEMM ----------
 
-def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
+def bench_gemm(device, dtype, shapes, iters, rows: list[dict] | None = None,
+               on_row: Callable[[], None] = lambda: None) -> list[dict]:
+    """One row per shape, appended to `rows` as measured (on_row() after each, as bench_transformer)."""
     from pipeline.kernels.dispatch import kernel_mode
 
-    rows = []
+    rows = [] if rows is None else rows
     for m, k, n in shapes:
         x = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
@@ -129,6 +131,7 @@ def bench_gemm(device, dtype, shapes, iters) -> list[dict]:
             row["gemm_vs_bf16"] = row["bf16_ms"] / row["w4a4_gemm_ms"]
             row["layer_vs_bf16"] = row["bf16_ms"] / row["layer_ms"]
         rows.append(row)
+        on_row()
         del x, w, layer
         _free(device)
     return rows
@@ -258,9 +261,17 @@ def profile_forward(model, kw, device, top: int = 25) -> list[dict]:
 
 
 def bench_transformer(family: str, config: dict, device, dtype, tokens: int, text_tokens: int, iters: int,
-                      compile_: set[str], variants: list[str], profile: bool = False) -> list[dict]:
-    rows = []
-    for variant in variants:
+                      compile_: set[str], variants: list[str], profile: bool = False,
+                      rows: list[dict] | None = None, on_row: Callable[[], None] = lambda: None) -> list[dict]:
+    """One row per (variant, mode), appended to `rows` as it is measured (on_row() after each, so a run cut
+    off by a time limit keeps what it had). Every variant's eager forward comes before any torch.compile
+    (minutes per full model), so the rows the targets need most are measured first."""
+    rows = [] if rows is None else rows
+    plan = [(v, "eager") for v in variants] + [(v, "compiled") for v in variants if v in compile_]
+    profiled: set[str] = set()
+    for variant, mode in plan:
+        if any(r.get("model") == family and r["variant"] == variant and "skipped" in r for r in rows):
+            continue
         _free(device)
         model = build_transformer(family, config, device, dtype)
         if variant == "nf4":
@@ -268,29 +279,29 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
                 nf4_(model, dtype)
             except ImportError as e:
                 rows.append({"model": family, "variant": variant, "skipped": f"bitsandbytes not importable: {e}"})
+                on_row()
                 continue
         elif variant.startswith("int4_r"):
             quantize_random_(model, int(variant.removeprefix("int4_r")), device, dtype)
         _free(device)
         kw = transformer_inputs(family, config, tokens, text_tokens, device, dtype)
-        modes = [("eager", model)]
-        if variant in compile_:
-            modes.append(("compiled", torch.compile(model)))
-        for mode, fn in modes:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()  # weights + one forward's activations, not the build
-            with torch.inference_mode():
-                ms = timed(lambda: fn(**kw), device, iters, warmup=2)
-            row = {"model": family, "variant": variant, "mode": mode, "ms_per_forward": ms,
-                   "weight_bytes": weight_bytes(model)}
-            if device.type == "cuda":
-                row["peak_bytes"] = torch.cuda.max_memory_allocated()
-            rows.append(row)
-        first_int4 = variant.startswith("int4") and not any("profile" in r for r in rows if r["variant"] != "bf16")
-        if profile and (variant == "bf16" or first_int4):
-            eager = next(r for r in rows if r["variant"] == variant and r["mode"] == "eager")
-            eager["profile"] = profile_forward(model, kw, device)
-        del model, modes, kw
+        fn = torch.compile(model) if mode == "compiled" else model
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()  # weights + one forward's activations, not the build
+        with torch.inference_mode():
+            ms = timed(lambda: fn(**kw), device, iters, warmup=2)
+        row = {"model": family, "variant": variant, "mode": mode, "ms_per_forward": ms,
+               "weight_bytes": weight_bytes(model)}
+        if device.type == "cuda":
+            row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        rows.append(row)
+        on_row()
+        kind = "bf16" if variant == "bf16" else "int4" if variant.startswith("int4") else None
+        if profile and mode == "eager" and kind and kind not in profiled:  # BF16 and the first INT4 variant
+            profiled.add(kind)
+            row["profile"] = profile_forward(model, kw, device)
+            on_row()
+        del model, fn, kw
         _free(device)
     return rows
 
@@ -393,6 +404,10 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU benchmark: {result['device']}", "",
              f"torch {result['torch']}, {result['dtype']}; written by `benchmarks/gpu_bench.py` "
              f"(JSON beside this file). Ratios are measured in the same run.", ""]
+    if not result.get("complete", True):
+        cut = ", ".join(result.get("incomplete") or ["this run"])
+        lines += [f"**Incomplete:** {cut} stopped before measuring everything it was asked to; "
+                  "the rows below are those it measured.", ""]
     if result["gemm"]:
         lines += ["## GEMM (TFLOP/s)", ""] + _md_table(GEMM_COLUMNS, map(_gemm_cells, result["gemm"]))
     variants = [r for r in result["gemm"] if "w4a4_gemm_other_expand_ms" in r]
@@ -434,18 +449,32 @@ def merge(paths: list[str]) -> dict:
     result["transformers"] = [r for p in parts for r in p["transformers"]]
     result["autotune"] = {k: v for p in parts for k, v in p.get("autotune", {}).items()}
     result["merged_from"] = [str(p) for p in paths]
+    # a part cut off by a time limit keeps the rows it measured; the report says which parts those are
+    result["incomplete"] = [str(path) for path, p in zip(paths, parts) if not p.get("complete", True)]
+    result["complete"] = not result["incomplete"]
     result["targets"] = targets(result["gemm"], result["transformers"])
     return result
 
 
-def write(result: dict, out: Path, md: str | None) -> None:
+def write_json(result: dict, out: Path) -> None:
+    """Atomically (a temporary file renamed over), so a run killed mid-write leaves the last good JSON."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out)
+
+
+def write(result: dict, out: Path, md: str | None) -> None:
+    write_json(result, out)
     print(f"wrote {out}")
     if md:
         Path(md).parent.mkdir(parents=True, exist_ok=True)
         Path(md).write_text(markdown(result))
         print(f"wrote {md}")
+
+
+class OutOfTime(Exception):
+    """--time-budget-s is spent: stop starting measurements, keep the ones made."""
 
 
 def main() -> None:
@@ -455,9 +484,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one BF16 and one INT4 forward")
-    ap.add_argument("--variants", default="bf16,nf4,int4_r32,int4_r128")
+    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128", help="measured in this order")
     ap.add_argument("--compile-variants", default="bf16,int4_r32",
                     help="variants also timed under torch.compile (each compile of a full model takes minutes)")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="start no new measurement after this many seconds; the JSON keeps what was measured "
+                         "and says it is incomplete (device calls have a hard time limit)")
     ap.add_argument("--out", default="outputs/bench/gpu.json")
     ap.add_argument("--markdown", help="also write the tables as Markdown here")
     ap.add_argument("--report", nargs="+", metavar="JSON", help="merge these runs' JSON instead of measuring")
@@ -475,23 +507,45 @@ def main() -> None:
     iters = 1 if args.smoke else args.iters
     variants = args.variants.split(",")
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
-              "torch": torch.__version__, "smoke": args.smoke, "dtype": str(dtype), "gemm": [], "transformers": []}
-    if "gemm" in parts:
-        result["gemm"] = bench_gemm(device, dtype, SMOKE_GEMM_SHAPES if args.smoke else GEMM_SHAPES, iters)
+              "torch": torch.__version__, "smoke": args.smoke, "dtype": str(dtype), "gemm": [], "transformers": [],
+              "complete": False}
+    out = Path(args.out)
+    started = time.perf_counter()
+
+    def save(final: bool = False) -> None:
+        """After every row: a run cut off by a device time limit still leaves every row it measured."""
+        if device.type == "cuda":
+            from pipeline.kernels.triton_w4a4 import best_configs
+
+            result["autotune"] = best_configs()
+        result["targets"] = targets(result["gemm"], result["transformers"])
+        write_json(result, out)
+        last = (result["gemm"] + result["transformers"])[-1:] if not final else []
+        for row in last:
+            print("measured", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                               if k != "profile"}, f"({time.perf_counter() - started:.0f} s)", flush=True)
+        if not final and args.time_budget_s is not None \
+                and time.perf_counter() - started > args.time_budget_s:
+            raise OutOfTime(f"time budget of {args.time_budget_s:g} s spent")
+
     tok, txt = (64, 16) if args.smoke else (4096, 512)
     compile_ = set() if args.no_compile or args.smoke else set(args.compile_variants.split(","))
-    if "flux" in parts:
-        result["transformers"] += bench_transformer("flux", SMOKE_FLUX if args.smoke else FLUX_DEV, device, dtype,
-                                                    tok, txt, iters, compile_, variants, args.profile)
-    if "qwen" in parts:
-        result["transformers"] += bench_transformer("qwen-image", SMOKE_QWEN if args.smoke else QWEN_IMAGE, device,
-                                                    dtype, tok, 256 if not args.smoke else txt, iters, compile_,
-                                                    variants, args.profile)
-    if device.type == "cuda":
-        from pipeline.kernels.triton_w4a4 import best_configs
-
-        result["autotune"] = best_configs()
-    result["targets"] = targets(result["gemm"], result["transformers"])
+    try:
+        if "gemm" in parts:
+            bench_gemm(device, dtype, SMOKE_GEMM_SHAPES if args.smoke else GEMM_SHAPES, iters, rows=result["gemm"],
+                       on_row=save)
+        if "flux" in parts:
+            bench_transformer("flux", SMOKE_FLUX if args.smoke else FLUX_DEV, device, dtype, tok, txt, iters,
+                              compile_, variants, args.profile, rows=result["transformers"], on_row=save)
+        if "qwen" in parts:
+            bench_transformer("qwen-image", SMOKE_QWEN if args.smoke else QWEN_IMAGE, device, dtype, tok,
+                              256 if not args.smoke else txt, iters, compile_, variants, args.profile,
+                              rows=result["transformers"], on_row=save)
+        result["complete"] = True
+    except OutOfTime as stop:
+        result["stopped"] = str(stop)
+        print(f"stopped early: {stop}; the JSON holds the rows measured so far", flush=True)
+    save(final=True)
     print_tables(result)
     write(result, Path(args.out), args.markdown)
 

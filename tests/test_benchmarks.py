@@ -70,3 +70,23 @@ def test_gpu_benchmark_refuses_to_time_without_cuda_unless_smoke():
     r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--only", "gemm"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode != 0 and "needs CUDA" in r.stderr
+
+
+def test_gpu_benchmark_out_of_time_keeps_the_rows_it_measured_and_the_report_says_incomplete(tmp_path):
+    """A device call has a hard time limit: past --time-budget-s the run stops, its JSON (rewritten after every
+    row) holds what was measured, and a merged report marks the part incomplete."""
+    out, md = tmp_path / "gemm.json", tmp_path / "all.md"
+    r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--only", "gemm", "--only", "flux",
+                        "--time-budget-s", "0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert len(result["gemm"]) == 1 and result["transformers"] == []
+    assert result["complete"] is False and "time budget of 0 s spent" in result["stopped"]
+    assert "stopped early" in r.stdout and "measured {'M': 48" in r.stdout
+    r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--report", str(out), "--out",
+                        str(tmp_path / "all.json"), "--markdown", str(md)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"**Incomplete:** {out} stopped" in md.read_text()
+    assert json.loads((tmp_path / "all.json").read_text())["incomplete"] == [str(out)]
