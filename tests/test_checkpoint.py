@@ -109,6 +109,18 @@ def test_file_layout_and_metadata(saved):
     assert json.loads(meta["svdq_batch"])["act_unsigned"] is True
 
 
+def test_flux_fused_qkv_projection_gives_the_same_output_as_three_row_slices(saved, monkeypatch):
+    """The fused path (one q/k/v layer, chunked by diffusers' processor) is the three sliced layers, bit for bit."""
+    from pipeline.quantization import transform
+
+    fused = forward(saved("tiny-flux", "int4")[0].transformer, "tiny-flux")
+    monkeypatch.setattr(transform, "FUSED_QKV_CLASSES", set())
+    sliced_pipe = quantized_pipe("tiny-flux", "int4")
+    attn = sliced_pipe.transformer.transformer_blocks[0].attn
+    assert not attn.fused_projections and attn.to_k.rows == (128, 256)
+    assert torch.equal(forward(sliced_pipe.transformer, "tiny-flux"), fused)
+
+
 def test_legacy_names_and_nvfp4_tensors(saved):
     _, legacy = saved("tiny-flux", "int4", "legacy")
     keys = set(load_file(str(legacy)))
@@ -126,13 +138,20 @@ def test_quantized_modules_replace_the_right_layers(saved):
     pipe, _ = saved("tiny-flux", "int4")
     t = pipe.transformer
     b = t.transformer_blocks[0]
-    assert isinstance(b.attn.to_q, SVDQW4A4Linear) and b.attn.to_q.proj_down is b.attn.to_v.proj_down
-    assert b.attn.to_q.rows == (0, 128) and b.attn.to_v.rows == (256, 384)
+    # FLUX's attention runs its fused projections: q/k/v stay one layer (one activation pass, one GEMM)
+    assert b.attn.fused_projections and not hasattr(b.attn, "to_q") and not hasattr(b.attn, "add_k_proj")
+    assert isinstance(b.attn.to_qkv, SVDQW4A4Linear) and b.attn.to_qkv.out_features == 384
+    assert isinstance(b.attn.to_added_qkv, SVDQW4A4Linear) and b.attn.to_added_qkv.rows == (0, 384)
+    assert t.single_transformer_blocks[0].attn.fused_projections
     assert b.ff.net[2].act_unsigned and not b.ff.net[0].proj.act_unsigned
     assert isinstance(t.single_transformer_blocks[0].proj_out, SplitInputLinear)
     assert t.single_transformer_blocks[0].proj_out.second.act_unsigned
     assert isinstance(b.norm1.linear, AWQW4A16Linear) and isinstance(b.norm1_context.linear, AWQW4A16Linear)
     assert isinstance(t.single_transformer_blocks[0].norm.linear, AWQW4A16Linear)
+    # Qwen-Image's processor calls q, k and v one by one: the fused layer's rows, sharing its input side
+    q = saved("tiny-qwen-image", "int4")[0].transformer.transformer_blocks[0].attn
+    assert isinstance(q.to_q, SVDQW4A4Linear) and q.to_q.proj_down is q.to_v.proj_down
+    assert q.to_q.rows == (0, 128) and q.to_v.rows == (256, 384)
     assert type(t.proj_out) is torch.nn.Linear and type(t.time_text_embed.timestep_embedder.linear_1) is torch.nn.Linear
     qwen, _ = saved("tiny-qwen-image", "int4")
     assert isinstance(qwen.transformer.transformer_blocks[0].img_mod[1], AWQW4A16Linear)
