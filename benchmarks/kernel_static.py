@@ -49,7 +49,7 @@ _CODE_POINTER = {"packed": "*u8", "fp8": "*fp8e4nv", "int8": "*i8"}  # Triton po
 # tensors (M is not assumed to be a multiple of 16: token counts are ragged).
 _ARGS = [("a_ptr", None), ("as_ptr", "*bf16"), ("w_ptr", "*u8"), ("ws_ptr", None), ("low_ptr", "*fp32"),
          ("up_ptr", "*bf16"), ("bias_ptr", "*bf16"), ("wt_ptr", "*fp32"), ("wc_ptr", "*bf16"),
-         ("out_ptr", "*bf16"), ("M", "i32"), ("N", "i32")]
+         ("res_ptr", "*bf16"), ("out_ptr", "*bf16"), ("M", "i32"), ("N", "i32")]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, ex
     expand = expand and not fp4
     types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16",
                  w_ptr=_CODE_POINTER[codes] if expand else "*u8")
-    const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
+    const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4, HAS_RES=False,
                  G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=kw._pow2(rank),
                  A_BYTES=codes != "packed", W_BYTES=expand, SCALE_MMA=scale_mma, ON_GPU=True, **config.kwargs)
     signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
@@ -98,11 +98,12 @@ def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, ex
 def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
     """The activation kernel compiled for sm_<arch>, writing codes as `codes` ("packed" | "fp8" | "int8")."""
     args = [("x_ptr", "*bf16"), ("smooth_ptr", "*bf16"), ("down_ptr", "*bf16"), ("codes_ptr", _CODE_POINTER[codes]),
-            ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("shift", "fp32")]
+            ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("stride_xm", "i32"), ("shift", "fp32")]
     const = dict(K=k, R=rank, HAS_SHIFT=False, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=kw.CODE_FORMATS[codes][0],
                  BLOCK_M=32, BLOCK_R=kw._pow2(rank), ON_GPU=True)
     signature = {**dict(args), **{name: "constexpr" for name in const}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
+    # pointers and the row stride (a multiple of 16 elements: K, or a wider tensor's width) as the JIT specialises them
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*") or name == "stride_xm"}
     src = ASTSource(fn=kw._quantize_act_kernel, signature=signature, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
 

@@ -185,6 +185,47 @@ def test_layer_dispatches_to_the_kernels_and_compiles_without_graph_breaks(monke
     assert explain.graph_break_count == 0, explain.break_reasons
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_input_layer_reads_column_slices_in_place_and_adds_in_the_epilogue(monkeypatch, dtype):
+    """FLUX single blocks' proj_out: each half reads its slice of the wide input without a copy, and the
+    second GEMM adds the first's output before its one rounding (kernels and reference alike)."""
+    from pipeline.quantization.layers import SplitInputLinear
+
+    first, x1 = make_layer(20, 128, 64, 16, False, seed=1)
+    second, x2 = make_layer(20, 192, 64, 16, True, seed=2)
+    if dtype != torch.float32:
+        for layer in (first, second):
+            layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
+                                                                                 layer.proj_up))
+    wide = torch.cat([x1, x2], dim=1).to(dtype).reshape(2, 10, 320)
+    split = SplitInputLinear(first, second)
+    ref = split(wide)  # the reference path
+    y1 = first.reference_forward(wide[..., :128])
+    assert torch.equal(ref, second.reference_forward(wide[..., 128:], residual=y1))
+    unfused = (y1.float() + second.reference_forward(wide[..., 128:]).float())
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert (ref.float() - unfused).abs().max() / unfused.abs().max() < tol
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    reads = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **k: (reads.append(t.is_contiguous()), real(t, *a, **k))[1])
+    y = split(wide)
+    monkeypatch.undo()
+    assert y.shape == (2, 10, 64) and y.dtype == dtype
+    assert (y.float() - ref.float()).abs().max() / ref.float().abs().max() < tol
+    assert all(reads), "a strided input slice was copied"
+    codes, scales, low = quantize_act(wide.reshape(20, 320)[:, 128:], second.smooth, second.proj_down,
+                                      second.act_shift, True, block_m=16)
+    same = quantize_act(real(wide.reshape(20, 320)[:, 128:]), second.smooth, second.proj_down, second.act_shift,
+                        True, block_m=16)
+    assert all(torch.equal(a, b) for a, b in zip((codes, scales, low), same))
+    with pytest.raises(ValueError, match=r"residual of shape \(3, 64\) does not match the output \(20, 64\)"):
+        w4a4_gemm(codes, scales, second.packed_codes, second.wscales, low, second.proj_up, None, dtype, "fp8",
+                  True, residual=torch.zeros(3, 64, dtype=dtype, device=DEVICE))
+
+
 def test_autotune_leaves_out_the_tiles_that_spill_on_the_gpu_at_hand():
     from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
 

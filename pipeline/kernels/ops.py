@@ -11,21 +11,23 @@ import torch
 def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
                 proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor],
                 wtscale: Optional[torch.Tensor], wcscales: Optional[torch.Tensor], shift: float, unsigned: bool,
-                dot: str) -> torch.Tensor:
-    """x (M, K) -> (M, N) in x's dtype: an SVDQuant layer via the two Triton kernels.
+                dot: str, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype [+ residual (M, N)]: an SVDQuant layer via the two Triton kernels.
 
     dot "fp8" | "int8" runs INT4, "fp16" runs NVFP4 (emulated); see pipeline/kernels/dispatch.py.
+    x may be a column slice of a wider tensor: it is read in place.
     """
     from pipeline.kernels.triton_w4a4 import act_code_format, quantize_act, w4a4_gemm
 
     precision = "nvfp4" if dot == "fp16" else "int4"
     codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision, codes=act_code_format(dot))
     return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
-                     wcscales)
+                     wcscales, residual)
 
 
 @w4a4_linear.register_fake
-def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned, dot):
+def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned, dot,
+      residual=None):
     return x.new_empty(x.shape[0], packed_codes.shape[0])
 
 

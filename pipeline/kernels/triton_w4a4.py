@@ -219,7 +219,7 @@ def _k_merge(lo, hi, ROWS: tl.constexpr, G: tl.constexpr):
 # ---------- activations: smooth + quantize + low-rank down, one pass ----------
 
 @triton.jit
-def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, K: tl.constexpr,
+def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, stride_xm, K: tl.constexpr,
                          R: tl.constexpr, shift, HAS_SHIFT: tl.constexpr, UNSIGNED: tl.constexpr, FP4: tl.constexpr,
                          G: tl.constexpr, CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                          ON_GPU: tl.constexpr):
@@ -232,7 +232,7 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
     low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for g in range(0, K // G):
         k = g * G + cols
-        x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None], other=0.0)
         if HAS_SHIFT:
             x = (x.to(tl.float32) + shift).to(x.dtype)  # as torch adds a Python float: fp32 math, rounded
         down = tl.load(down_ptr + k[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
@@ -354,9 +354,9 @@ def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, DOT: tl.constexpr, SCALE_
 
 
 @triton.jit
-def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, out_ptr, M, N,
-                      K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
+def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, res_ptr, out_ptr,
+                      M, N, K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, HAS_RES: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                       A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
                       ON_GPU: tl.constexpr):
@@ -406,8 +406,10 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
         acc += tl.dot(low - big, up.to(tl.float32), input_precision=precision)
     else:
         acc += tl.dot(low, up, input_precision="tf32x3" if ON_GPU else "ieee")
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out_offsets, out_ok = rows[:, None] * N + cols[None, :], row_ok[:, None] & col_ok[None, :]
+    if HAS_RES:  # another layer's output (M, N) added before the one rounding: saves a separate add
+        acc += tl.load(res_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def _config(bm, bn, warps, stages):
@@ -467,9 +469,12 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor,
     codes "packed": uint8 (M, K/2), two per byte like the weights. "fp8" | "int8" (INT4 only): one
     per byte (M, K) in the GEMM's dot type, each group's even codes then its odd codes
     (`natural_order` undoes that), so the GEMM feeds them to the tensor cores unconverted.
-    Scales are in x's dtype for INT4 and fp32 (holding E4M3 values) for NVFP4.
+    Scales are in x's dtype for INT4 and fp32 (holding E4M3 values) for NVFP4. x may be a column slice
+    of a wider tensor (rows strided, columns contiguous): it is read in place, not copied.
     """
-    x, smooth, proj_down = x.contiguous(), smooth.contiguous(), proj_down.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    smooth, proj_down = smooth.contiguous(), proj_down.contiguous()
     fp4 = precision == "nvfp4"
     group = NVFP4_GROUP if fp4 else INT4_GROUP
     m, k = x.shape
@@ -482,7 +487,7 @@ def quantize_act(x: torch.Tensor, smooth: torch.Tensor, proj_down: torch.Tensor,
     scales = torch.empty(k // group, m, dtype=torch.float32 if fp4 else x.dtype, device=x.device)
     low = torch.empty(m, r, dtype=torch.float32, device=x.device)
     _quantize_act_kernel[(triton.cdiv(m, block_m),)](
-        x, smooth, proj_down, codes, scales, low, m, k, r, float(shift), HAS_SHIFT=bool(shift),
+        x, smooth, proj_down, codes, scales, low, m, x.stride(0), k, r, float(shift), HAS_SHIFT=bool(shift),
         UNSIGNED=unsigned and not fp4, FP4=fp4,
         G=group, CODES=fmt, BLOCK_M=block_m, BLOCK_R=_pow2(r), ON_GPU=not interpreting())
     return codes, scales.t(), low
@@ -530,10 +535,10 @@ def scale_mma_default(dot: str, arch: Optional[int], a_dtype: torch.dtype, w_dty
 
 
 def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
-              unsigned: bool = False, wtscale=None, wcscales=None, *, block_m: Optional[int] = None,
+              unsigned: bool = False, wtscale=None, wcscales=None, residual=None, *, block_m: Optional[int] = None,
               block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
               expand_weights: Optional[bool] = None):
-    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ -> (M, N).
+    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ [+ residual] -> (M, N).
 
     a_codes: packed (M, K/2) uint8, or one per byte (M, K) as quantize_act writes them for dot "fp8"
     (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2), or one per byte (N, K) as
@@ -562,11 +567,16 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
     n = w_codes.shape[0]
     r = proj_up.shape[1]
     out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
+    if residual is not None:
+        if tuple(residual.shape) != (m, n):
+            raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output ({m}, {n})")
+        residual = residual.contiguous()
     dummy = w_scales
     args = (a_codes, a_scales, w_codes, w_scales, low, proj_up, bias if bias is not None else dummy,
-            wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy, out, m, n)
+            wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy,
+            residual if residual is not None else dummy, out, m, n)
     meta = dict(K=k, R=r, DOT=DOTS[dot], SIGNED_A=not unsigned or fp4, HAS_BIAS=bias is not None,
-                HAS_WC=wcscales is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r),
+                HAS_WC=wcscales is not None, HAS_RES=residual is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r),
                 A_BYTES=a_bytes, W_BYTES=w_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else
                                                              scale_mma_default(dot, arch, a_scales.dtype,
                                                                                w_scales.dtype)) and not fp4,

@@ -57,20 +57,22 @@ class SVDQW4A4Linear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, {self.precision}, rank={self.rank}, "
                 f"unsigned={self.act_unsigned}, part={self.ckpt_name}[{self.rows[0]}:{self.rows[1]}]")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = layer(x) [+ residual, added in fp32 before the one rounding to x's dtype]."""
         from pipeline.kernels.dispatch import kernel_mode
 
         mode = kernel_mode(x.device, self.precision)
         if mode != "reference":
             from pipeline.kernels.ops import w4a4_linear
 
+            res = None if residual is None else residual.reshape(-1, self.out_features)
             y = w4a4_linear(x.reshape(-1, self.in_features), self.packed_codes, self.wscales, self.smooth,
                             self.proj_down, self.proj_up, self.bias, self.wtscale, self.wcscales,
-                            float(self.act_shift), self.act_unsigned, mode)
+                            float(self.act_shift), self.act_unsigned, mode, res)
             return y.reshape(*x.shape[:-1], self.out_features)
-        return self.reference_forward(x)
+        return self.reference_forward(x, residual)
 
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The oracle: exactly the kernels' arithmetic, in plain PyTorch (any device, compile-friendly)."""
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, self.in_features)
@@ -85,6 +87,8 @@ class SVDQW4A4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.float()
         out = out + low @ self.proj_up.float().T
+        if residual is not None:
+            out = out + residual.reshape(-1, self.out_features).float()
         return out.to(dtype).reshape(*lead, self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -151,4 +155,9 @@ class SplitInputLinear(nn.Module):
         self.out_features = first.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.first(x[..., : self.split]) + self.second(x[..., self.split :])
+        # Each half is read in place (no copy of the slice), and the second layer adds the first's
+        # output in its epilogue (no separate add over the output).
+        first = self.first(x[..., : self.split])
+        if isinstance(self.second, SVDQW4A4Linear):
+            return self.second(x[..., self.split :], residual=first)
+        return first + self.second(x[..., self.split :])
