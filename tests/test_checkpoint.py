@@ -109,16 +109,19 @@ def test_file_layout_and_metadata(saved):
     assert json.loads(meta["svdq_batch"])["act_unsigned"] is True
 
 
-def test_flux_fused_qkv_projection_gives_the_same_output_as_three_row_slices(saved, monkeypatch):
-    """The fused path (one q/k/v layer, chunked by diffusers' processor) is the three sliced layers, bit for bit."""
-    from pipeline.quantization import transform
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
+def test_fused_qkv_projection_gives_the_same_output_as_three_row_slices(saved, monkeypatch, model):
+    """The fused path (one q/k/v layer per stream, chunked for diffusers' attention) is the three sliced
+    layers, bit for bit."""
+    from pipeline.quantization import fused_qkv
 
-    fused = forward(saved("tiny-flux", "int4")[0].transformer, "tiny-flux")
-    monkeypatch.setattr(transform, "FUSED_QKV_CLASSES", set())
-    sliced_pipe = quantized_pipe("tiny-flux", "int4")
+    fused = forward(saved(model, "int4")[0].transformer, model)
+    monkeypatch.setattr(fused_qkv, "FUSED_ATTENTION", {})
+    sliced_pipe = quantized_pipe(model, "int4")
     attn = sliced_pipe.transformer.transformer_blocks[0].attn
-    assert not attn.fused_projections and attn.to_k.rows == (128, 256)
-    assert torch.equal(forward(sliced_pipe.transformer, "tiny-flux"), fused)
+    assert not getattr(attn, "fused_projections", False) and attn.to_k.rows == (128, 256)
+    assert not isinstance(attn.processor, fused_qkv.FusedQKVQwenProcessor)
+    assert torch.equal(forward(sliced_pipe.transformer, model), fused)
 
 
 def test_legacy_names_and_nvfp4_tensors(saved):
@@ -148,10 +151,10 @@ def test_quantized_modules_replace_the_right_layers(saved):
     assert t.single_transformer_blocks[0].proj_out.second.act_unsigned
     assert isinstance(b.norm1.linear, AWQW4A16Linear) and isinstance(b.norm1_context.linear, AWQW4A16Linear)
     assert isinstance(t.single_transformer_blocks[0].norm.linear, AWQW4A16Linear)
-    # Qwen-Image's processor calls q, k and v one by one: the fused layer's rows, sharing its input side
+    # Qwen-Image's processor calls q, k and v one by one: a processor feeds it the fused layers' chunks
     q = saved("tiny-qwen-image", "int4")[0].transformer.transformer_blocks[0].attn
-    assert isinstance(q.to_q, SVDQW4A4Linear) and q.to_q.proj_down is q.to_v.proj_down
-    assert q.to_q.rows == (0, 128) and q.to_v.rows == (256, 384)
+    assert isinstance(q.to_qkv, SVDQW4A4Linear) and isinstance(q.to_added_qkv, SVDQW4A4Linear)
+    assert not hasattr(q, "to_q") and type(q.processor).__name__ == "FusedQKVQwenProcessor"
     assert type(t.proj_out) is torch.nn.Linear and type(t.time_text_embed.timestep_embedder.linear_1) is torch.nn.Linear
     qwen, _ = saved("tiny-qwen-image", "int4")
     assert isinstance(qwen.transformer.transformer_blocks[0].img_mod[1], AWQW4A16Linear)

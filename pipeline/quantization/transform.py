@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pipeline.quantization.fused_qkv import install_fused_qkv
 from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
 from pipeline.quantization.quantizer import ActStats, LayerReport, awq_w4a16, relative_error, svdquant_linear
 from pipeline.quantization.targets import Target
@@ -51,34 +52,18 @@ def modulation_fold(t: Target, n: int) -> torch.Tensor:
     return fold
 
 
-# Attention classes whose diffusers processor runs one fused q/k/v projection once `fused_projections`
-# is set (FLUX: `to_qkv` for the image stream, `to_added_qkv` for the text stream). There a fused
-# target is installed whole: its input is quantized once and one GEMM runs, instead of three of each.
-FUSED_QKV_CLASSES = {"FluxAttention"}
-_FUSED_QKV_NAMES = {("to_q", "to_k", "to_v"): "to_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv"}
-
-
 def _install_fused_qkv(transformer: nn.Module, t: Target, layer: nn.Module) -> bool:
-    """Install a q/k/v target as the attention's fused projection, if its processor runs one."""
+    """Install a q/k/v target whole on its attention, if that attention can run it fused (fused_qkv.py)."""
     owners = {p.rpartition(".")[0] for p in t.parts}
-    leaves = tuple(p.rpartition(".")[2] for p in t.parts)
-    if len(owners) != 1 or leaves not in _FUSED_QKV_NAMES:
+    if len(owners) != 1:
         return False
-    attn = get_module(transformer, owners.pop())
-    if type(attn).__name__ not in FUSED_QKV_CLASSES:
-        return False
-    setattr(attn, _FUSED_QKV_NAMES[leaves], layer)
-    for leaf in leaves:
-        delattr(attn, leaf)  # their weights live in the fused layer now
-    # both streams must be fused before the processor may take the fused path
-    attn.fused_projections = hasattr(attn, "to_qkv") and (attn.added_kv_proj_dim is None
-                                                           or hasattr(attn, "to_added_qkv"))
-    return True
+    return install_fused_qkv(get_module(transformer, owners.pop()), tuple(p.rpartition(".")[2] for p in t.parts),
+                             layer)
 
 
 def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) -> None:
-    """Put `layer` where `t` says: split fused rows over the parts (unless the attention runs them fused),
-    pair input halves."""
+    """Put `layer` where `t` says: whole where the attention runs q/k/v fused, else split its rows over
+    the parts; pair input halves."""
     if t.cols is not None:
         halves = pending.setdefault(t.parts[0], {})
         halves[t.cols[0]] = layer
