@@ -512,20 +512,22 @@ def main() -> None:
     out = Path(args.out)
     started = time.perf_counter()
 
-    def save(final: bool = False) -> None:
-        """After every row: a run cut off by a device time limit still leaves every row it measured."""
+    def refresh() -> None:
+        """What is derived from the rows so far: the autotuner's choices and the targets."""
         if device.type == "cuda":
             from pipeline.kernels.triton_w4a4 import best_configs
 
             result["autotune"] = best_configs()
         result["targets"] = targets(result["gemm"], result["transformers"])
+
+    def save() -> None:
+        """After every row: a run cut off by a device time limit still leaves every row it measured."""
+        refresh()
         write_json(result, out)
-        last = (result["gemm"] + result["transformers"])[-1:] if not final else []
-        for row in last:
-            print("measured", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-                               if k != "profile"}, f"({time.perf_counter() - started:.0f} s)", flush=True)
-        if not final and args.time_budget_s is not None \
-                and time.perf_counter() - started > args.time_budget_s:
+        row = (result["gemm"] + result["transformers"])[-1]
+        print("measured", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "profile"},
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
             raise OutOfTime(f"time budget of {args.time_budget_s:g} s spent")
 
     tok, txt = (64, 16) if args.smoke else (4096, 512)
@@ -545,9 +547,9 @@ def main() -> None:
     except OutOfTime as stop:
         result["stopped"] = str(stop)
         print(f"stopped early: {stop}; the JSON holds the rows measured so far", flush=True)
-    save(final=True)
+    refresh()
     print_tables(result)
-    write(result, Path(args.out), args.markdown)
+    write(result, out, args.markdown)
 
 
 if __name__ == "__main__":
