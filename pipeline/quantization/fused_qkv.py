@@ -9,6 +9,7 @@ processor the three chunks: the attention itself stays diffusers' code.
 
 from __future__ import annotations
 
+from diffusers.models.transformers.transformer_flux import FluxAttention
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from torch import nn
 
@@ -16,7 +17,7 @@ FUSED_NAMES = {("to_q", "to_k", "to_v"): "to_qkv", ("add_q_proj", "add_k_proj", 
 
 
 def _flux(attn: nn.Module) -> bool:
-    return type(attn).__name__ == "FluxAttention"
+    return isinstance(attn, FluxAttention)
 
 
 def _qwen(attn: nn.Module) -> bool:
@@ -27,10 +28,16 @@ def _qwen(attn: nn.Module) -> bool:
 FUSED_ATTENTION = {"flux": _flux, "qwen-image": _qwen}
 
 
-def install_fused_qkv(attn: nn.Module, leaves: tuple[str, ...], layer: nn.Module) -> bool:
-    """Put a q/k/v target's layer on `attn` whole, if `attn` can run it so; False leaves it to the caller."""
+def install_fused_qkv(transformer: nn.Module, parts: tuple[str, ...], layer: nn.Module) -> bool:
+    """Put a q/k/v target's layer whole on the attention that owns `parts`, if it can run it so;
+    False leaves it to the caller (row slices)."""
+    owners = {p.rpartition(".")[0] for p in parts}
+    leaves = tuple(p.rpartition(".")[2] for p in parts)
+    if len(owners) != 1 or leaves not in FUSED_NAMES:
+        return False
+    attn = transformer.get_submodule(owners.pop())
     kind = next((k for k, test in FUSED_ATTENTION.items() if test(attn)), None)
-    if kind is None or leaves not in FUSED_NAMES:
+    if kind is None:
         return False
     setattr(attn, FUSED_NAMES[leaves], layer)
     for leaf in leaves:

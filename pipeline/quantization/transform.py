@@ -52,15 +52,6 @@ def modulation_fold(t: Target, n: int) -> torch.Tensor:
     return fold
 
 
-def _install_fused_qkv(transformer: nn.Module, t: Target, layer: nn.Module) -> bool:
-    """Install a q/k/v target whole on its attention, if that attention can run it fused (fused_qkv.py)."""
-    owners = {p.rpartition(".")[0] for p in t.parts}
-    if len(owners) != 1:
-        return False
-    return install_fused_qkv(get_module(transformer, owners.pop()), tuple(p.rpartition(".")[2] for p in t.parts),
-                             layer)
-
-
 def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) -> None:
     """Put `layer` where `t` says: whole where the attention runs q/k/v fused, else split its rows over
     the parts; pair input halves."""
@@ -75,7 +66,7 @@ def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) 
     if len(t.parts) == 1:
         set_module(transformer, t.parts[0], layer)
         return
-    if isinstance(layer, SVDQW4A4Linear) and _install_fused_qkv(transformer, t, layer):
+    if isinstance(layer, SVDQW4A4Linear) and install_fused_qkv(transformer, t.parts, layer):
         return
     start = 0
     for path in t.parts:
