@@ -265,9 +265,12 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
                       rows: list[dict] | None = None, on_row: Callable[[], None] = lambda: None) -> list[dict]:
     """One row per (variant, mode), appended to `rows` as it is measured (on_row() after each, so a run cut
     off by a time limit keeps what it had). Every variant's eager forward comes before any torch.compile
-    (minutes per full model), so the rows the targets need most are measured first."""
+    (minutes per full model), so the rows the targets need most are measured first; ablations come last."""
     rows = [] if rows is None else rows
-    plan = [(v, "eager") for v in variants] + [(v, "compiled") for v in variants if v in compile_]
+    main = [v for v in variants if not v.endswith("_unfused")]  # ablations last: the targets need the others
+    plan = ([(v, "eager") for v in main] + [(v, "compiled") for v in main if v in compile_]
+            + [(v, mode) for v in variants if v not in main for mode in ("eager", "compiled")
+               if mode == "eager" or v in compile_])
     profiled: set[str] = set()
     for variant, mode in plan:
         if any(r.get("model") == family and r["variant"] == variant and "skipped" in r for r in rows):
@@ -282,7 +285,16 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
                 on_row()
                 continue
         elif variant.startswith("int4_r"):
-            quantize_random_(model, int(variant.removeprefix("int4_r")), device, dtype)
+            from pipeline.quantization import fused_mlp
+
+            rank, _, ablation = variant.removeprefix("int4_r").partition("_")
+            if ablation not in ("", "unfused"):
+                raise SystemExit(f"unknown variant {variant!r}: int4_r<rank>, optionally _unfused")
+            fused, fused_mlp.ENABLED = fused_mlp.ENABLED, ablation != "unfused"  # _unfused: GELU between the MLP layers
+            try:
+                quantize_random_(model, int(rank), device, dtype)
+            finally:
+                fused_mlp.ENABLED = fused
         _free(device)
         kw = transformer_inputs(family, config, tokens, text_tokens, device, dtype)
         fn = torch.compile(model) if mode == "compiled" else model
@@ -326,8 +338,8 @@ def targets(gemm: list[dict], forwards: list[dict]) -> list[dict]:
         bf16 = by.get((model, "bf16", "eager"))
         nf4 = by.get((model, "nf4", "eager"))
         for (m, variant, mode), r in sorted(by.items()):
-            if m != model or not variant.startswith("int4"):
-                continue
+            if m != model or not variant.startswith("int4") or variant.endswith("_unfused"):
+                continue  # an ablation, shown in the table, not a target
             if bf16:
                 v = r["ms_per_forward"] / bf16["ms_per_forward"]
                 out.append({"target": f"{model} {variant} {mode} forward <= 0.75x BF16 eager", "value": v,
@@ -484,7 +496,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one BF16 and one INT4 forward")
-    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128", help="measured in this order")
+    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128,int4_r32_unfused",
+                    help="measured in this order; int4_r<rank>_unfused runs the MLPs without the fused GELU epilogue")
     ap.add_argument("--compile-variants", default="bf16,int4_r32",
                     help="variants also timed under torch.compile (each compile of a full model takes minutes)")
     ap.add_argument("--time-budget-s", type=float, default=None,

@@ -58,6 +58,7 @@ class Report:
     arch: int
     dot: str
     config: str
+    epilogue: str  # "store" (the output) | "gelu_quant" (GELU + the next layer's activation quantization)
     scale_mma: bool  # s_a ⊗ s_w formed on the tensor cores (else FP32 multiplies)
     expand_weights: bool  # weight codes one per byte (expanded before the GEMM; its traffic is not modelled)
     registers: int
@@ -73,24 +74,38 @@ class Report:
     top_instructions: dict
 
 
+# The GELU-quantize GEMM's arguments: the next layer's smooth, proj_down, code/scale/low outputs, its shift.
+_GELU_QUANT_ARGS = [*_ARGS[:9], ("nsmooth_ptr", "*bf16"), ("ndown_ptr", "*bf16"), ("ncodes_ptr", None),
+                    ("nscales_ptr", "*bf16"), ("nlow_ptr", "*fp32"), ("nshift", "fp32"), ("M", "i32"), ("N", "i32")]
+
+
 def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, expand: bool = False, k: int = 3072,
-                 rank: int = 32):
+                 rank: int = 32, gelu_quant: bool = False):
     """The GEMM compiled for sm_<arch> (bf16 model): Triton's CompiledKernel (PTX, TTGIR, cubin, metadata).
 
     scale_mma: form s_a ⊗ s_w on the tensor cores (INT4 only) or with FP32 multiplies. expand: weight
-    codes come one per byte (expand_weight_codes, INT4 only) instead of packed.
+    codes come one per byte (expand_weight_codes, INT4 only) instead of packed. gelu_quant: the MLP's
+    first layer, whose epilogue quantizes GELU of its output for the next (unsigned, shifted) layer.
     """
     fp4 = dot == "fp16"
     codes = kw.act_code_format(dot)  # activation codes as the layer feeds them
     expand = expand and not fp4
-    types = dict(_ARGS, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16",
-                 w_ptr=_CODE_POINTER[codes] if expand else "*u8")
-    const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4, HAS_RES=False,
+    arg_list = _GELU_QUANT_ARGS if gelu_quant else _ARGS
+    types = dict(arg_list, a_ptr=_CODE_POINTER[codes], ws_ptr="*u8" if fp4 else "*bf16",
+                 w_ptr=_CODE_POINTER[codes] if expand else "*u8", ncodes_ptr=_CODE_POINTER[codes])
+    const = dict(K=k, R=rank, DOT=kw.DOTS[dot], SIGNED_A=True, HAS_BIAS=True, HAS_WC=fp4,
                  G=kw.NVFP4_GROUP if fp4 else kw.INT4_GROUP, BLOCK_R=kw._pow2(rank),
                  A_BYTES=codes != "packed", W_BYTES=expand, SCALE_MMA=scale_mma, ON_GPU=True, **config.kwargs)
-    signature = {**{name: types[name] for name, _ in _ARGS}, **{name: "constexpr" for name in const}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, _) in enumerate(_ARGS) if name != "M"}
-    src = ASTSource(fn=kw._w4a4_gemm_kernel, signature=signature, constexprs=const, attrs=attrs)
+    if gelu_quant:
+        const.update(NR=rank, BLOCK_NR=kw._pow2(rank), NEXT_HAS_SHIFT=True, NEXT_UNSIGNED=True,
+                     CODES=kw.CODE_FORMATS[codes][0])
+    else:
+        const.update(HAS_RES=False)
+    signature = {**{name: types[name] for name, _ in arg_list}, **{name: "constexpr" for name in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(arg_list)
+             if name not in ("M", "nshift")}
+    fn = kw._w4a4_gemm_gelu_quant_kernel if gelu_quant else kw._w4a4_gemm_kernel
+    src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
@@ -162,8 +177,9 @@ def main_loop_instructions(cubin: bytes) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in body)
 
 
-def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None) -> Report:
-    """One config on one target; scale_mma and expand default to what w4a4_gemm picks for a bf16 model there."""
+def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None, gelu_quant: bool = False) -> Report:
+    """One config on one target; scale_mma and expand default to what w4a4_gemm picks for a bf16 model there.
+    gelu_quant: the MLP-first-layer kernel (w4a4_gemm_gelu_quant), INT4 only."""
     config = kw.GEMM_CONFIGS[index]
     if scale_mma is None:
         scale_mma = kw.scale_mma_default(dot, arch, torch.bfloat16, torch.bfloat16)
@@ -171,7 +187,7 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None) -> Rep
         expand = kw.expand_weights_default(dot, arch)
     on_mma = scale_mma and dot != "fp16"  # NVFP4 scales are fp32 and E4M3: always FP32 multiplies
     expand = expand and dot != "fp16"
-    ck = compile_gemm(arch, dot, config, on_mma, expand)
+    ck = compile_gemm(arch, dot, config, on_mma, expand, gelu_quant=gelu_quant)
     regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
     ops = main_loop_instructions(ck.asm["cubin"])
     c = config.kwargs
@@ -188,7 +204,7 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None) -> Rep
     ttgir = ck.asm["ttgir"]
     waits = [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", ttgir)]
     name = f"{c['BLOCK_M']}x{c['BLOCK_N']} w{warps} s{config.num_stages}"
-    return Report(index, arch, dot, name, on_mma, expand, regs, spills, ops["LDL"] + ops["STL"], ck.metadata.shared, ctas,
+    return Report(index, arch, dot, name, "gelu_quant" if gelu_quant else "store", on_mma, expand, regs, spills, ops["LDL"] + ops["STL"], ck.metadata.shared, ctas,
                   ttgir.count("async_copy_global_to_local"), bool(waits) and max(waits) == 0,
                   round(per_group, 1), round(fraction, 3), {op: n for op, n in ops.items() if "MMA" in op},
                   dict(ops.most_common(8)))
@@ -207,18 +223,23 @@ def main(argv=None) -> list[Report]:
     ap.add_argument("--expand", choices=["auto", "on", "off", "both"], default="auto",
                     help="weight codes expanded to one per byte before the GEMM: as w4a4_gemm does (auto), always, "
                          "never, or each")
+    ap.add_argument("--no-gelu-quant", action="store_true",
+                    help="leave out the GELU-quantize GEMM (the MLP's first layer) rows")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     targets = [(int(t.split(":")[0]), t.split(":")[1]) for t in args.targets]
     modes = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.scale_mma]
     expands = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.expand]
+    configs = range(len(kw.GEMM_CONFIGS[:args.configs]))
     reports = [analyse(arch, dot, i, mode, expand) for arch, dot in targets
-               for i in range(len(kw.GEMM_CONFIGS[:args.configs])) for mode in modes for expand in expands]
-    header = f"{'arch':>5} {'dot':>5} {'config':<16} {'sa⊗sw':>5} {'W':>6} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
+               for i in configs for mode in modes for expand in expands]
+    if not args.no_gelu_quant:  # the MLP's first layer, as run with the defaults
+        reports += [analyse(arch, dot, i, gelu_quant=True) for arch, dot in targets if dot != "fp16" for i in configs]
+    header = f"{'arch':>5} {'dot':>5} {'config':<16} {'epilogue':<10} {'sa⊗sw':>5} {'W':>6} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
              f"{'CTA/SM':>6} {'instr/group':>11} {'est. of peak':>12}"
     print(header)
     for r in reports:
-        print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<16} {'MMA' if r.scale_mma else 'FP32':>5} "
+        print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<16} {r.epilogue:<10} {'MMA' if r.scale_mma else 'FP32':>5} "
               f"{'bytes' if r.expand_weights else 'packed':>6} "
               f"{r.registers:>4} {r.spill_bytes:>5} {r.loop_spills:>7} {r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} "
               f"{r.instructions_per_group:>11.0f} {r.est_peak_fraction:>12.0%}")

@@ -124,6 +124,31 @@ def test_fused_qkv_projection_gives_the_same_output_as_three_row_slices(saved, m
     assert torch.equal(forward(sliced_pipe.transformer, model), fused)
 
 
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
+def test_fused_mlp_keeps_the_modules_and_the_reference_output(saved, monkeypatch, model):
+    """The MLPs' owners become the fused subclasses, with every module path and weight where it was; on the
+    reference path (no kernels) they compute what the unfused modules do, bit for bit."""
+    from diffusers.models.attention import FeedForward
+
+    from pipeline.quantization import fused_mlp
+
+    fused_pipe, _ = saved(model, "int4")
+    fused = fused_pipe.transformer
+    monkeypatch.setattr(fused_mlp, "ENABLED", False)
+    plain = quantized_pipe(model, "int4").transformer
+    owners = {name: type(m) for name, m in fused.named_modules() if type(m) in fused_mlp.FUSED_CLASSES.values()}
+    mlps = ("ff", "ff_context") if model == "tiny-flux" else ("img_mlp", "txt_mlp")
+    expected = {f"transformer_blocks.{i}.{n}" for i in range(len(fused.transformer_blocks)) for n in mlps}
+    if model == "tiny-flux":
+        expected |= {f"single_transformer_blocks.{i}" for i in range(len(fused.single_transformer_blocks))}
+    assert set(owners) == expected
+    assert isinstance(fused.get_submodule(f"transformer_blocks.0.{mlps[0]}"), FeedForward)
+    assert not any(type(m) in fused_mlp.FUSED_CLASSES.values() for m in plain.modules())
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in plain.named_modules()]
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    assert torch.equal(forward(fused, model), forward(plain, model))
+
+
 def test_legacy_names_and_nvfp4_tensors(saved):
     _, legacy = saved("tiny-flux", "int4", "legacy")
     keys = set(load_file(str(legacy)))

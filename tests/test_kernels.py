@@ -226,6 +226,45 @@ def test_split_input_layer_reads_column_slices_in_place_and_adds_in_the_epilogue
                   True, residual=torch.zeros(3, 64, dtype=dtype, device=DEVICE))
 
 
+def make_mlp(m, k, hidden, n, rank, next_rank, dtype, seed=0):
+    """fc1 (k -> hidden) and fc2 (hidden -> n, unsigned GELU inputs with the shift), held in `dtype`."""
+    fc1, x = make_layer(m, k, hidden, rank, False, seed=seed)
+    fc2, _ = make_layer(m, hidden, n, next_rank, True, seed=seed + 1)
+    if dtype != torch.float32:
+        for layer in (fc1, fc2):
+            layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
+                                                                                 layer.proj_up))
+    return fc1, fc2, x.to(dtype)
+
+
+@pytest.mark.parametrize("m,hidden,next_rank,block_n", [(37, 192, 32, 64), (37, 192, 0, 128), (5, 256, 24, None)])
+@pytest.mark.parametrize("dot", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_quantize_epilogue_gives_the_next_layers_activation_codes(m, hidden, next_rank, block_n, dot, dtype):
+    """fc1's GEMM with GELU and fc2's activation quantization in its epilogue equals fc1 -> torch's GELU ->
+    fc2's activation kernel: codes, scales, low-rank down (ragged M, a column tile past N, rank 0)."""
+    from pipeline.kernels.triton_w4a4 import w4a4_gemm_gelu_quant
+
+    fc1, fc2, x = make_mlp(m, 128, hidden, 64, 16, next_rank, dtype)
+    c1, s1, l1 = quantize_act(x, fc1.smooth, fc1.proj_down, 0.0, False, codes=dot)
+    fc1_args = (c1, s1, fc1.packed_codes, fc1.wscales, l1, fc1.proj_up, fc1.bias, dtype, dot, False)
+    h = torch.nn.functional.gelu(w4a4_gemm(*fc1_args), approximate="tanh")
+    want = quantize_act(h, fc2.smooth, fc2.proj_down, fc2.act_shift, True, codes=dot)
+    got = w4a4_gemm_gelu_quant(*fc1_args, fc2.smooth, fc2.proj_down, fc2.act_shift, True, block_n=block_n)
+    assert fc2.act_shift > 0 and [t.shape for t in got] == [t.shape for t in want]
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    codes, ref_codes = natural_order(got[0]).int(), natural_order(want[0]).int()
+    # GELU's fp32 arithmetic is not torch's to the last bit: a 16-bit rounding may rarely differ by a step
+    assert (codes != ref_codes).float().mean() <= 1e-3 and (codes - ref_codes).abs().max() <= 1
+    assert torch.allclose(got[1].float(), want[1].float(), rtol=1e-3, atol=0)
+    big = float(want[2].abs().max()) if want[2].numel() else 0.0
+    assert torch.allclose(got[2], want[2], rtol=1e-3, atol=1e-3 * big)
+    with pytest.raises(ValueError, match="block_n = 96 must be a multiple of the INT4 group"):
+        w4a4_gemm_gelu_quant(*fc1_args, fc2.smooth, fc2.proj_down, fc2.act_shift, True, block_n=96)
+    with pytest.raises(ValueError, match=r"the next layer takes 64 inputs \(proj_down \(64, "):
+        w4a4_gemm_gelu_quant(*fc1_args, fc2.smooth[:64], fc2.proj_down[:64], fc2.act_shift, True)
+
+
 def test_autotune_leaves_out_the_tiles_that_spill_on_the_gpu_at_hand():
     from pipeline.kernels.triton_w4a4 import GEMM_CONFIGS, _prune
 
@@ -282,6 +321,42 @@ def test_whole_quantized_transformer_traces_as_one_graph(monkeypatch, model):
     kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs(model).items()}
     explain = torch._dynamo.explain(transformer)(**kw)
     assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
+def test_fused_mlps_skip_the_activation_pass_of_every_fc2_and_match_the_unfused_kernels(monkeypatch, model):
+    """With the kernels on, each MLP quantizes its input once (fc1's); fc2's input comes out of fc1's epilogue.
+    The transformer's output matches the unfused kernels' and the reference's."""
+    from test_checkpoint import quantized_pipe, transformer_inputs
+
+    from pipeline.kernels import triton_w4a4
+    from pipeline.quantization import fused_mlp
+
+    def run(transformer):
+        passes = []
+        real = triton_w4a4.quantize_act
+        monkeypatch.setattr(triton_w4a4, "quantize_act", lambda *a, **k: passes.append(1) or real(*a, **k))
+        if DEVICE.type == "cpu":
+            monkeypatch.setenv("SVDQ_KERNELS", "triton")
+        kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs(model).items()}
+        with torch.no_grad():
+            out = transformer.to(DEVICE)(**kw).sample
+            monkeypatch.setenv("SVDQ_KERNELS", "reference")
+            ref = transformer(**kw).sample
+        monkeypatch.delenv("SVDQ_KERNELS")
+        monkeypatch.setattr(triton_w4a4, "quantize_act", real)
+        return out, ref, len(passes)
+
+    transformer = quantized_pipe(model, "int4").transformer
+    fused, ref, fused_passes = run(transformer)
+    monkeypatch.setattr(fused_mlp, "ENABLED", False)
+    plain, plain_ref, plain_passes = run(quantized_pipe(model, "int4").transformer)
+    mlps = 2 * len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+    assert plain_passes - fused_passes == mlps
+    assert torch.equal(ref, plain_ref)
+    for got in (fused, plain):
+        assert (got.float() - ref.float()).abs().max() / ref.float().abs().max() < 1e-4
+    assert (fused.float() - plain.float()).abs().max() / plain.float().abs().max() < 1e-4
 
 
 def test_layers_hold_weight_codes_two_per_byte():

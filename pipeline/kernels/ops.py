@@ -31,6 +31,50 @@ def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcsca
     return x.new_empty(x.shape[0], packed_codes.shape[0])
 
 
+@torch.library.custom_op("svdq::w4a4_gelu_quant", mutates_args=())
+def w4a4_gelu_quant(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
+                    proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], shift: float,
+                    unsigned: bool, next_smooth: torch.Tensor, next_down: torch.Tensor, next_shift: float,
+                    next_unsigned: bool, dot: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) -> the next INT4 layer's quantized input for gelu(layer(x)): codes (M, N) one per byte in
+    the dot's type, scales group-major (N/64, M) in x's dtype, low-rank down (M, R') fp32. The (M, N)
+    16-bit activation between the two layers is never written. dot "fp8" | "int8"."""
+    from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm_gelu_quant
+
+    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, codes=dot)
+    next_codes, next_scales, next_low = w4a4_gemm_gelu_quant(
+        codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, next_smooth, next_down,
+        next_shift, next_unsigned)
+    return next_codes, next_scales.t(), next_low  # scales as the kernel wrote them: no copy
+
+
+@w4a4_gelu_quant.register_fake
+def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, shift, unsigned, next_smooth, next_down,
+      next_shift, next_unsigned, dot):
+    from pipeline.kernels.triton_w4a4 import CODE_FORMATS, INT4_GROUP
+
+    m, n = x.shape[0], packed_codes.shape[0]
+    return (x.new_empty(m, n, dtype=CODE_FORMATS[dot][1]), x.new_empty(n // INT4_GROUP, m),
+            x.new_empty(m, next_down.shape[1], dtype=torch.float32))
+
+
+@torch.library.custom_op("svdq::w4a4_gemm", mutates_args=())
+def w4a4_gemm(codes: torch.Tensor, scales: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor,
+              low: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], unsigned: bool, dot: str,
+              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """An INT4 layer on an input quantized already (w4a4_gelu_quant's outputs) -> (M, N) in the scales' dtype
+    [+ residual]."""
+    from pipeline.kernels.triton_w4a4 import w4a4_gemm as gemm
+
+    return gemm(codes, scales.t(), packed_codes, wscales, low, proj_up, bias, scales.dtype, dot, unsigned,
+                residual=residual)
+
+
+@w4a4_gemm.register_fake
+def _(codes, scales, packed_codes, wscales, low, proj_up, bias, unsigned, dot, residual=None):
+    return codes.new_empty(codes.shape[0], packed_codes.shape[0], dtype=scales.dtype)
+
+
 @torch.library.custom_op("svdq::awq_w4a16_gemv", mutates_args=())
 def awq_w4a16_gemv(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, wzeros: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> torch.Tensor:

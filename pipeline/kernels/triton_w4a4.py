@@ -219,6 +219,41 @@ def _k_merge(lo, hi, ROWS: tl.constexpr, G: tl.constexpr):
 # ---------- activations: smooth + quantize + low-rank down, one pass ----------
 
 @triton.jit
+def _int4_quantize(xs, amax, UNSIGNED: tl.constexpr, X_DTYPE: tl.constexpr, ON_GPU: tl.constexpr):
+    """INT4 codes (integer-valued fp32) and scales (X_DTYPE) of xs (rows, [groups,] G) whose groups' |max| is
+    amax (rows, [groups]): one 16-bit scale per group, codes rounded half to even and clamped."""
+    qmax: tl.constexpr = 15.0 if UNSIGNED else 7.0
+    scale = tl.math.div_rn(amax, qmax).to(X_DTYPE)
+    inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale.to(tl.float32)), 0.0)
+    q = _round_half_even(xs * tl.expand_dims(inv, len(xs.shape) - 1), ON_GPU)
+    return tl.minimum(tl.maximum(q, 0.0 if UNSIGNED else -8.0), qmax), scale
+
+
+@triton.jit
+def _store_codes(codes_ptr, q, rows, first_col, row_ok, K, CODES: tl.constexpr, BLOCK_M: tl.constexpr,
+                 WIDTH: tl.constexpr, COL_EDGE: tl.constexpr):
+    """Codes q (BLOCK_M, WIDTH: columns first_col.., integer-valued fp32) into an (M, K) code tensor: packed
+    two per byte (CODES 0; INT4 or E2M1 codes), or one per byte in the dot's type (1 fp8, 2 int8) and the
+    GEMM's K order. COL_EDGE: columns may run past K (masked)."""
+    lo, hi = tl.split(tl.reshape(q, (BLOCK_M, WIDTH // 2, 2)))  # codes 2j and 2j+1
+    if CODES == 0:
+        half = first_col // 2 + tl.arange(0, WIDTH // 2)
+        lo, hi = lo.to(tl.int32), hi.to(tl.int32)
+        packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+        ok = row_ok[:, None] & (half[None, :] < K // 2) if COL_EDGE else row_ok[:, None]
+        tl.store(codes_ptr + rows[:, None] * (K // 2) + half[None, :], packed, mask=ok)
+    else:
+        cols = first_col + tl.arange(0, WIDTH)
+        merged = _k_merge(lo, hi, BLOCK_M, WIDTH)
+        if CODES == 1:  # fp32 -> e4m3 directly: 4-bit codes are exact in it
+            codes = merged.to(tl.float8e4nv)
+        else:  # the low byte of 1.5·2^23 + q is q (two's complement): no float -> int conversion
+            codes = (merged + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+        ok = row_ok[:, None] & (cols[None, :] < K) if COL_EDGE else row_ok[:, None]
+        tl.store(codes_ptr + rows[:, None] * K + cols[None, :], codes, mask=ok)
+
+
+@triton.jit
 def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, stride_xm, K: tl.constexpr,
                          R: tl.constexpr, shift, HAS_SHIFT: tl.constexpr, UNSIGNED: tl.constexpr, FP4: tl.constexpr,
                          G: tl.constexpr, CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -226,7 +261,6 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, G)
-    half = tl.arange(0, G // 2)
     rr = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     low = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -246,29 +280,11 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
         if FP4:
             scale = _e4m3_round(tl.minimum(tl.math.div_rn(amax, 6.0), 448.0), ON_GPU)
             safe = tl.where(scale > 0, scale, 1.0)
-            v = tl.where(scale[:, None] > 0, tl.math.div_rn(xs, safe[:, None]), 0.0)
-            q = _e2m1_encode(v, ON_GPU)
-            tl.store(scales_ptr + g * M + rows, scale, mask=row_ok)
+            q = _e2m1_encode(tl.where(scale[:, None] > 0, tl.math.div_rn(xs, safe[:, None]), 0.0), ON_GPU)
         else:
-            qmax = 15.0 if UNSIGNED else 7.0
-            scale = tl.math.div_rn(amax, qmax).to(x.dtype)
-            inv = tl.where(scale > 0, tl.math.div_rn(1.0, scale.to(tl.float32)), 0.0)
-            q = _round_half_even(xs * inv[:, None], ON_GPU)
-            q = tl.minimum(tl.maximum(q, 0.0 if UNSIGNED else -8.0), qmax)  # integer-valued fp32
-            tl.store(scales_ptr + g * M + rows, scale, mask=row_ok)
-        lo, hi = tl.split(tl.reshape(q, (BLOCK_M, G // 2, 2)))  # codes 2j and 2j+1
-        if CODES == 0:  # two per byte
-            lo, hi = lo.to(tl.int32), hi.to(tl.int32)
-            packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-            tl.store(codes_ptr + rows[:, None] * (K // 2) + (g * (G // 2) + half)[None, :], packed,
-                     mask=row_ok[:, None])
-        else:  # one per byte, in the dot's type (fp8 or int8) and the GEMM's K order
-            merged = _k_merge(lo, hi, BLOCK_M, G)
-            if CODES == 1:  # fp32 -> e4m3 directly: 4-bit codes are exact in it
-                codes = merged.to(tl.float8e4nv)
-            else:  # the low byte of 1.5·2^23 + q is q (two's complement): no float -> int conversion
-                codes = (merged + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
-            tl.store(codes_ptr + rows[:, None] * K + (g * G + cols)[None, :], codes, mask=row_ok[:, None])
+            q, scale = _int4_quantize(xs, amax, UNSIGNED, x.dtype, ON_GPU)
+        tl.store(scales_ptr + g * M + rows, scale, mask=row_ok)
+        _store_codes(codes_ptr, q, rows, g * G, row_ok, K, CODES, BLOCK_M, G, False)
     tl.store(low_ptr + rows[:, None] * R + rr[None, :], low, mask=row_ok[:, None] & (rr[None, :] < R))
 
 
@@ -354,22 +370,24 @@ def _group_scales(as_ptr, ws_ptr, g, M, N, rows, cols, DOT: tl.constexpr, SCALE_
 
 
 @triton.jit
-def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, res_ptr, out_ptr,
-                      M, N, K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, HAS_RES: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                      A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
-                      ON_GPU: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile), in grouped order: GROUP_M row tiles share each weight
+    tile while it is in L2."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * tiles_n
     first_m = (pid // in_group) * GROUP_M
     size_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def _gemm_tile(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, rows, cols, M, N,
+               K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+               HAS_WC: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
+               ON_GPU: tl.constexpr):
+    """The layer's output tile in fp32, before its rounding: scaled group dots, [NVFP4 scales,] bias, low-rank up."""
     row_ok, col_ok = rows < M, cols < N
     # Rows and columns past the edge read row M-1's and column N-1's data instead (wrapped): the
     # K loop then needs no masks, and their results are never stored.
@@ -406,10 +424,77 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
         acc += tl.dot(low - big, up.to(tl.float32), input_precision=precision)
     else:
         acc += tl.dot(low, up, input_precision="tf32x3" if ON_GPU else "ieee")
-    out_offsets, out_ok = rows[:, None] * N + cols[None, :], row_ok[:, None] & col_ok[None, :]
+    return acc
+
+
+@triton.jit
+def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, res_ptr, out_ptr,
+                      M, N, K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, HAS_RES: tl.constexpr, G: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                      A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
+                      ON_GPU: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _gemm_tile(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, rows, cols, M, N, K, R,
+                     DOT, SIGNED_A, HAS_BIAS, HAS_WC, G, BLOCK_R, BLOCK_M, BLOCK_N, A_BYTES, W_BYTES, SCALE_MMA,
+                     ON_GPU)
+    out_offsets, out_ok = rows[:, None] * N + cols[None, :], (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_RES:  # another layer's output (M, N) added before the one rounding: saves a separate add
         acc += tl.load(res_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _gelu(y):
+    """GELU, tanh form, in fp32: y·sigmoid(2u) with u = √(2/π)·(y + 0.044715·y³), which is 0.5·y·(1 + tanh u)."""
+    minus_2u = -1.5957691216057308 * (y + 0.044715 * y * y * y)
+    return tl.math.div_rn(y, 1.0 + tl.exp(tl.minimum(minus_2u, 80.0)))  # capped: no overflow far left
+
+
+@triton.jit
+def _w4a4_gemm_gelu_quant_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr,
+                                 nsmooth_ptr, ndown_ptr, ncodes_ptr, nscales_ptr, nlow_ptr, nshift, M, N,
+                                 K: tl.constexpr, R: tl.constexpr, NR: tl.constexpr, DOT: tl.constexpr,
+                                 SIGNED_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, G: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_NR: tl.constexpr, NEXT_HAS_SHIFT: tl.constexpr,
+                                 NEXT_UNSIGNED: tl.constexpr, CODES: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, A_BYTES: tl.constexpr,
+                                 W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr, ON_GPU: tl.constexpr):
+    """An MLP's first layer whose output only feeds GELU and then the next W4A4 layer: the epilogue rounds
+    the tile as the layer's output, applies GELU, and quantizes it for the next layer (shift, smooth,
+    per-group INT4 codes and scales, low-rank down projection), as that layer's activation kernel would.
+    The (M, N) 16-bit output is never written, and never read back. The next layer's low-rank down sum
+    runs over all N, so each column tile adds its share into `nlow` (fp32, zeroed) atomically."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    acc = _gemm_tile(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, rows, cols, M, N, K, R,
+                     DOT, SIGNED_A, HAS_BIAS, HAS_WC, G, BLOCK_R, BLOCK_M, BLOCK_N, A_BYTES, W_BYTES, SCALE_MMA,
+                     ON_GPU)
+    X: tl.constexpr = nscales_ptr.dtype.element_ty  # the model's dtype: INT4 scales are held in it
+    h = _gelu(acc.to(X).to(tl.float32)).to(X)  # rounded as the layer's output, then as torch's 16-bit GELU
+    if NEXT_HAS_SHIFT:
+        h = (h.to(tl.float32) + nshift).to(X)
+    nr = tl.arange(0, BLOCK_NR)
+    down = tl.load(ndown_ptr + cols[:, None] * NR + nr[None, :], mask=col_ok[:, None] & (nr[None, :] < NR), other=0.0)
+    if h.dtype == down.dtype and h.dtype != tl.float32:  # 16-bit: exact products, fp32 sums
+        part = tl.dot(h, down, out_dtype=tl.float32)
+    else:
+        part = tl.dot(h.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
+    tl.atomic_add(nlow_ptr + rows[:, None] * NR + nr[None, :], part, mask=row_ok[:, None] & (nr[None, :] < NR),
+                  sem="relaxed")
+    sm = tl.load(nsmooth_ptr + cols, mask=col_ok, other=1.0).to(X).to(tl.float32)
+    xs = tl.math.div_rn(h.to(tl.float32), sm[None, :]).to(X).to(tl.float32)
+    GROUPS: tl.constexpr = BLOCK_N // G
+    xs = tl.reshape(xs, (BLOCK_M, GROUPS, G))
+    q, scale = _int4_quantize(xs, tl.max(tl.abs(xs), axis=2), NEXT_UNSIGNED, X, ON_GPU)
+    gi = pid_n * GROUPS + tl.arange(0, GROUPS)
+    tl.store(nscales_ptr + gi[None, :] * M + rows[:, None], scale, mask=row_ok[:, None] & (gi[None, :] < N // G))
+    _store_codes(ncodes_ptr, tl.reshape(q, (BLOCK_M, BLOCK_N)), rows, pid_n * BLOCK_N, row_ok, N, CODES, BLOCK_M,
+                 BLOCK_N, True)
 
 
 def _config(bm, bn, warps, stages):
@@ -433,9 +518,13 @@ def _prune(configs, named_args, arch: Optional[int] = None, **kwargs):
     return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) not in spills]
 
 
-_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "W_BYTES",
-                                                                 "SCALE_MMA"],
-                             prune_configs_by={"early_config_prune": _prune})(_w4a4_gemm_kernel)
+_KEY = ["M", "N", "K", "DOT", "SIGNED_A", "A_BYTES", "W_BYTES", "SCALE_MMA"]
+_autotuned = triton.autotune(configs=GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+    _w4a4_gemm_kernel)
+# Every config's BLOCK_N is a multiple of the INT4 group, as the GELU-quantize epilogue needs. Its atomic
+# low-rank sums are zeroed before each timed trial.
+_autotuned_gelu_quant = triton.autotune(configs=GEMM_CONFIGS, key=_KEY + ["NR", "CODES"], reset_to_zero=["nlow_ptr"],
+                                        prune_configs_by={"early_config_prune": _prune})(_w4a4_gemm_gelu_quant_kernel)
 
 
 def interpreting() -> bool:
@@ -534,20 +623,10 @@ def scale_mma_default(dot: str, arch: Optional[int], a_dtype: torch.dtype, w_dty
     return dot != "fp16" and arch == 90 and a_dtype == w_dtype and a_dtype in (torch.float16, torch.bfloat16)
 
 
-def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
-              unsigned: bool = False, wtscale=None, wcscales=None, residual=None, *, block_m: Optional[int] = None,
-              block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
-              expand_weights: Optional[bool] = None):
-    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ [+ residual] -> (M, N).
-
-    a_codes: packed (M, K/2) uint8, or one per byte (M, K) as quantize_act writes them for dot "fp8"
-    (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2), or one per byte (N, K) as
-    expand_weight_codes writes them. dot: "fp8" | "int8" (INT4) or "fp16" (NVFP4, w_scales
-    float8_e4m3fn, wtscale a 0-d fp32 tensor). scale_mma: form s_a ⊗ s_w on the tensor cores or with
-    FP32 multiplies (default: scale_mma_default). expand_weights: expand packed weight codes to one per
-    byte first, into a scratch tensor (default: expand_weights_default). With block_m/block_n given,
-    or in the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
-    """
+def _gemm_operands(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, dot, unsigned, wtscale, wcscales,
+                   scale_mma, expand_weights):
+    """The GEMM's tensor arguments (bias, wtscale, wcscales; dummies where absent), its compile-time
+    settings, and (M, N): checked, laid out as the kernel reads them."""
     fp4 = dot == "fp16"
     if fp4 and w_scales.dtype == torch.float8_e4m3fn:
         w_scales = w_scales.view(torch.uint8)
@@ -563,33 +642,100 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
             how = "quantize them with codes=" if name == "activation" else "expand them with dot="
             raise ValueError(f"{name} codes of dtype {codes.dtype} do not feed dot {dot!r}: {how}{dot!r} or "
                              f"pass them packed (uint8)")
-    m, k = a_codes.shape[0], w_codes.shape[1] * (1 if w_bytes else 2)
-    n = w_codes.shape[0]
+    m, n = a_codes.shape[0], w_codes.shape[0]
+    k = w_codes.shape[1] * (1 if w_bytes else 2)
     r = proj_up.shape[1]
+    dummy = w_scales
+    tensors = (a_codes, a_scales, w_codes, w_scales, low, proj_up, bias if bias is not None else dummy,
+               wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy)
+    meta = dict(K=k, R=r, DOT=DOTS[dot], SIGNED_A=not unsigned or fp4, HAS_BIAS=bias is not None,
+                HAS_WC=wcscales is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r),
+                A_BYTES=a_bytes, W_BYTES=w_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else
+                                                             scale_mma_default(dot, arch, a_scales.dtype,
+                                                                               w_scales.dtype)) and not fp4,
+                ON_GPU=not interpreting())  # inline PTX, TF32 splits; the interpreter runs the same math in Triton ops
+    return tensors, meta, m, n
+
+
+def _launch(kernel, autotuned, args, meta, m, n, device, block_m, block_n, interpreter_tiles=(32, 32)):
+    """Run with the tiles given, or in the interpreter with fixed small ones; else the autotuner picks."""
+    if block_m or block_n or interpreting() or device.type != "cuda":
+        block_m, block_n = block_m or interpreter_tiles[0], block_n or interpreter_tiles[1]
+        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=4)
+    else:
+        autotuned[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+
+
+def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
+              unsigned: bool = False, wtscale=None, wcscales=None, residual=None, *, block_m: Optional[int] = None,
+              block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
+              expand_weights: Optional[bool] = None):
+    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ [+ residual] -> (M, N).
+
+    a_codes: packed (M, K/2) uint8, or one per byte (M, K) as quantize_act writes them for dot "fp8"
+    (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2), or one per byte (N, K) as
+    expand_weight_codes writes them. dot: "fp8" | "int8" (INT4) or "fp16" (NVFP4, w_scales
+    float8_e4m3fn, wtscale a 0-d fp32 tensor). scale_mma: form s_a ⊗ s_w on the tensor cores or with
+    FP32 multiplies (default: scale_mma_default). expand_weights: expand packed weight codes to one per
+    byte first, into a scratch tensor (default: expand_weights_default). With block_m/block_n given,
+    or in the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
+    """
+    tensors, meta, m, n = _gemm_operands(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, dot, unsigned,
+                                         wtscale, wcscales, scale_mma, expand_weights)
     out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
     if residual is not None:
         if tuple(residual.shape) != (m, n):
             raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output ({m}, {n})")
         residual = residual.contiguous()
-    dummy = w_scales
-    args = (a_codes, a_scales, w_codes, w_scales, low, proj_up, bias if bias is not None else dummy,
-            wtscale if wtscale is not None else dummy, wcscales if wcscales is not None else dummy,
-            residual if residual is not None else dummy, out, m, n)
-    meta = dict(K=k, R=r, DOT=DOTS[dot], SIGNED_A=not unsigned or fp4, HAS_BIAS=bias is not None,
-                HAS_WC=wcscales is not None, HAS_RES=residual is not None, G=NVFP4_GROUP if fp4 else INT4_GROUP, BLOCK_R=_pow2(r),
-                A_BYTES=a_bytes, W_BYTES=w_bytes, SCALE_MMA=(scale_mma if scale_mma is not None else
-                                                             scale_mma_default(dot, arch, a_scales.dtype,
-                                                                               w_scales.dtype)) and not fp4,
-                ON_GPU=not interpreting())  # inline PTX, TF32 splits; the interpreter runs the same math in Triton ops
-    if block_m or block_n or interpreting() or a_codes.device.type != "cuda":
-        block_m, block_n = block_m or 32, block_n or 32
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-        _w4a4_gemm_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=4)
-    else:
-        _autotuned[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+    args = (*tensors, residual if residual is not None else tensors[3], out, m, n)
+    _launch(_w4a4_gemm_kernel, _autotuned, args, dict(meta, HAS_RES=residual is not None), m, n, a_codes.device,
+            block_m, block_n)
     return out
 
 
+def w4a4_gemm_gelu_quant(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str,
+                         unsigned: bool, next_smooth, next_down, next_shift: float, next_unsigned: bool, *,
+                         block_m: Optional[int] = None, block_n: Optional[int] = None,
+                         scale_mma: Optional[bool] = None, expand_weights: Optional[bool] = None):
+    """An INT4 layer followed by GELU (tanh) and the next INT4 layer's activation quantization, in one GEMM.
+
+    Takes w4a4_gemm's operands (dot "fp8" | "int8"), out_dtype being the model's 16-bit (or fp32) dtype,
+    and the next layer's smooth, proj_down, shift and signedness. Returns what quantize_act would return
+    for gelu(layer output) and the next layer: its codes one per byte in the dot's type (M, N), scales
+    (M, N/64) and the low-rank down projection (M, R') in fp32, summed over column tiles in no fixed
+    order. Rounding as the unfused path: the layer's output and GELU's both round to out_dtype; GELU's
+    fp32 arithmetic differs from torch's in the last bits, so an element may land one 16-bit step off.
+    """
+    if dot not in ("fp8", "int8"):
+        raise ValueError(f"the GELU-quantize epilogue runs INT4 layers (dot 'fp8' or 'int8'), not dot {dot!r}")
+    if block_n is not None and block_n % INT4_GROUP:
+        raise ValueError(f"block_n = {block_n} must be a multiple of the INT4 group ({INT4_GROUP}): "
+                         "each column tile quantizes whole groups")
+    tensors, meta, m, n = _gemm_operands(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, dot, unsigned,
+                                         None, None, scale_mma, expand_weights)
+    if n % INT4_GROUP:
+        raise ValueError(f"the layer's N = {n} is not a multiple of the INT4 group ({INT4_GROUP}): it cannot "
+                         "be the next layer's input")
+    if tuple(next_down.shape[:1]) != (n,) or tuple(next_smooth.shape) != (n,):
+        raise ValueError(f"the next layer takes {next_smooth.shape[0]} inputs (proj_down {tuple(next_down.shape)}), "
+                         f"this layer gives {n}")
+    fmt, code_dtype = CODE_FORMATS[dot]
+    codes = torch.empty(m, n, dtype=code_dtype, device=a_codes.device)
+    scales = torch.empty(n // INT4_GROUP, m, dtype=out_dtype, device=a_codes.device)  # group-major
+    nr = next_down.shape[1]
+    next_low = torch.zeros(m, nr, dtype=torch.float32, device=a_codes.device)
+    args = (*tensors, next_smooth.contiguous(), next_down.contiguous(), codes, scales, next_low, float(next_shift),
+            m, n)
+    meta = dict(meta, NR=nr, BLOCK_NR=_pow2(nr), NEXT_HAS_SHIFT=bool(next_shift), NEXT_UNSIGNED=next_unsigned,
+                CODES=fmt)
+    _launch(_w4a4_gemm_gelu_quant_kernel, _autotuned_gelu_quant, args, meta, m, n, a_codes.device, block_m, block_n,
+            interpreter_tiles=(32, INT4_GROUP))
+    return codes, scales.t(), next_low
+
+
 def best_configs() -> dict[str, str]:
-    """What the autotuner chose so far, per key: recorded by the benchmark."""
-    return {str(key): str(cfg) for key, cfg in getattr(_autotuned, "cache", {}).items()}
+    """What the autotuner chose so far, per key (the GELU-quantize GEMM's marked so): recorded by the benchmark."""
+    found = {str(key): str(cfg) for key, cfg in getattr(_autotuned, "cache", {}).items()}
+    found.update({f"gelu_quant {key}": str(cfg) for key, cfg in getattr(_autotuned_gelu_quant, "cache", {}).items()})
+    return found

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pipeline.quantization.fused_mlp import install_fused_mlp
 from pipeline.quantization.fused_qkv import install_fused_qkv
 from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
 from pipeline.quantization.quantizer import ActStats, LayerReport, awq_w4a16, relative_error, svdquant_linear
@@ -54,7 +55,7 @@ def modulation_fold(t: Target, n: int) -> torch.Tensor:
 
 def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) -> None:
     """Put `layer` where `t` says: whole where the attention runs q/k/v fused, else split its rows over
-    the parts; pair input halves."""
+    the parts; pair input halves. An MLP whose layers are both in place runs as a fused pair."""
     if t.cols is not None:
         halves = pending.setdefault(t.parts[0], {})
         halves[t.cols[0]] = layer
@@ -62,9 +63,12 @@ def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) 
             first, second = (halves[k] for k in sorted(halves))
             set_module(transformer, t.parts[0], SplitInputLinear(first, second))
             del pending[t.parts[0]]
+            install_fused_mlp(transformer, t.parts[0])
         return
     if len(t.parts) == 1:
         set_module(transformer, t.parts[0], layer)
+        if t.after_gelu:
+            install_fused_mlp(transformer, t.parts[0])
         return
     if isinstance(layer, SVDQW4A4Linear) and install_fused_qkv(transformer, t.parts, layer):
         return

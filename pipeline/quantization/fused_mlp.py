@@ -1,0 +1,124 @@
+"""Run a quantized MLP (fc1 -> GELU -> fc2) with GELU and fc2's input quantization in fc1's GEMM epilogue.
+
+Unfused, fc1 writes its (tokens x 4·dim) 16-bit output, GELU reads and writes it again, and fc2's
+activation kernel reads it once more to quantize it: in FLUX that tensor is the largest one a block
+moves. Fused, fc1's epilogue rounds its tile as it would have stored it, applies GELU and quantizes it
+for fc2 (`w4a4_gemm_gelu_quant`), so only 4-bit codes are written; Nunchaku's engine does the same.
+
+The modules stay diffusers' own, with their paths and weights; only the class of the module that
+owns the MLP is swapped for a subclass whose forward runs the pair (FeedForward in FLUX's double
+blocks and Qwen-Image; FLUX's single block, whose MLP output went through a concatenation into
+`proj_out`'s second half and now goes straight to it). The fused kernel runs where the layers run the
+INT4 Triton kernels; elsewhere (the CPU reference) the same modules run GELU between the layers,
+exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from torch import nn
+
+from pipeline.quantization.layers import SplitInputLinear, SVDQW4A4Linear
+
+# Swap in the fused forwards at all? Tests compare both; SVDQ_FUSED_MLP=0 turns it off for a run.
+ENABLED = os.environ.get("SVDQ_FUSED_MLP", "1") != "0"
+
+
+def _int4(layer: nn.Module) -> bool:
+    return isinstance(layer, SVDQW4A4Linear) and layer.precision == "int4"
+
+
+def gelu_mlp(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding where fc2 is a W4A4 layer]."""
+    from pipeline.kernels.dispatch import kernel_mode
+
+    mode = kernel_mode(x.device, "int4")
+    if _int4(fc1) and _int4(fc2) and mode in ("fp8", "int8"):
+        from pipeline.kernels import ops
+
+        x2 = x.reshape(-1, fc1.in_features)
+        codes, scales, low = ops.w4a4_gelu_quant(
+            x2, fc1.packed_codes, fc1.wscales, fc1.smooth, fc1.proj_down, fc1.proj_up, fc1.bias,
+            float(fc1.act_shift), fc1.act_unsigned, fc2.smooth, fc2.proj_down, float(fc2.act_shift),
+            fc2.act_unsigned, mode)
+        res = None if residual is None else residual.reshape(-1, fc2.out_features)
+        y = ops.w4a4_gemm(codes, scales, fc2.packed_codes, fc2.wscales, low, fc2.proj_up, fc2.bias,
+                          fc2.act_unsigned, mode, res)
+        return y.reshape(*x.shape[:-1], fc2.out_features)
+    h = F.gelu(fc1(x), approximate="tanh")
+    if residual is None:
+        return fc2(h)
+    if isinstance(fc2, SVDQW4A4Linear):
+        return fc2(h, residual=residual)
+    return residual + fc2(h)
+
+
+class FusedGeluFeedForward(FeedForward):
+    """diffusers' FeedForward (GELU tanh, dropout) whose two linears run as one fused pair."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.training:
+            return super().forward(hidden_states, *args, **kwargs)
+        return gelu_mlp(hidden_states, self.net[0].proj, self.net[2])
+
+
+class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
+    """FLUX's single block with its MLP run as a fused pair into proj_out's second half, which adds the
+    first half's output (the attention's) in its epilogue: no concatenation, no separate GELU."""
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                joint_attention_kwargs: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # diffusers' FluxSingleTransformerBlock.forward, with the MLP and proj_out as above
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        residual = hidden_states
+        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                **(joint_attention_kwargs or {}))
+        projected = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second,
+                             residual=self.proj_out.first(attn_output))
+        hidden_states = residual + gate.unsqueeze(1) * projected
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+
+def _gelu_tanh(act: nn.Module) -> bool:
+    return isinstance(act, (GELU, nn.GELU)) and act.approximate == "tanh"
+
+
+def _fusable(owner: nn.Module) -> bool:
+    if type(owner) is FeedForward:
+        net = owner.net
+        return (len(net) >= 3 and isinstance(net[0], GELU) and _gelu_tanh(net[0]) and _int4(net[0].proj)
+                and _int4(net[2]) and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
+    if type(owner) is FluxSingleTransformerBlock:
+        out = owner.proj_out
+        return (_gelu_tanh(owner.act_mlp) and _int4(owner.proj_mlp) and isinstance(out, SplitInputLinear)
+                and _int4(out.second) and out.second.in_features == owner.proj_mlp.out_features)
+    return False
+
+
+FUSED_CLASSES = {FeedForward: FusedGeluFeedForward, FluxSingleTransformerBlock: FusedMLPFluxSingleTransformerBlock}
+
+
+def install_fused_mlp(transformer: nn.Module, path: str) -> bool:
+    """Once both layers of the MLP that owns `path` (an fc2 or proj_out) are INT4 W4A4 layers, swap its owner
+    for the fused subclass; False where there is nothing to fuse (yet)."""
+    if not ENABLED:
+        return False
+    parts = path.split(".")
+    for up in (1, 2):  # FeedForward owns net.2; the single block owns proj_out
+        owner = transformer.get_submodule(".".join(parts[:-up]))
+        if _fusable(owner):
+            owner.__class__ = FUSED_CLASSES[type(owner)]
+            return True
+    return False
