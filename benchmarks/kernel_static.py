@@ -69,6 +69,7 @@ class Report:
     async_loads: int
     mma_waits_at_once: bool
     instructions_per_group: float
+    outside_loop_per_element: float  # instructions outside the K loop (once per tile: set-up, epilogue) per output element
     est_peak_fraction: float
     mma_instructions: dict
     top_instructions: dict
@@ -152,13 +153,21 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     return int(re.search(r"Used (\d+) registers", log).group(1)), int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 
-def main_loop_instructions(cubin: bytes) -> collections.Counter:
-    """SASS opcodes of the longest loop that issues tensor-core MMAs (the K loop), one thread's view."""
+def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(NVIDIA_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+        return subprocess.run([str(NVIDIA_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
+
+
+def _instruction_count(cubin: bytes) -> int:
+    return sum(1 for line in _sass(cubin).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line))
+
+
+def main_loop_instructions(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the longest loop that issues tensor-core MMAs (the K loop), one thread's view."""
+    text = _sass(cubin)
     lines, labels = [], {}
     for line in text.splitlines():
         label = re.match(r"^(\.L_x_\d+):", line)
@@ -193,6 +202,7 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None, gelu_q
     c = config.kwargs
     per_group = sum(ops.values())
     warps = config.num_warps
+    outside = (_instruction_count(ck.asm["cubin"]) - per_group) / (c["BLOCK_M"] * c["BLOCK_N"] / (32 * warps))
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     ctas = min(REGS_PER_SM // (regs_per_warp * warps), SMEM_PER_SM[arch] // (ck.metadata.shared + 1024),
                WARPS_PER_SM[arch] // warps)
@@ -206,7 +216,7 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None, gelu_q
     name = f"{c['BLOCK_M']}x{c['BLOCK_N']} w{warps} s{config.num_stages}"
     return Report(index, arch, dot, name, "gelu_quant" if gelu_quant else "store", on_mma, expand, regs, spills, ops["LDL"] + ops["STL"], ck.metadata.shared, ctas,
                   ttgir.count("async_copy_global_to_local"), bool(waits) and max(waits) == 0,
-                  round(per_group, 1), round(fraction, 3), {op: n for op, n in ops.items() if "MMA" in op},
+                  round(per_group, 1), round(outside, 1), round(fraction, 3), {op: n for op, n in ops.items() if "MMA" in op},
                   dict(ops.most_common(8)))
 
 
@@ -236,13 +246,13 @@ def main(argv=None) -> list[Report]:
     if not args.no_gelu_quant:  # the MLP's first layer, as run with the defaults
         reports += [analyse(arch, dot, i, gelu_quant=True) for arch, dot in targets if dot != "fp16" for i in configs]
     header = f"{'arch':>5} {'dot':>5} {'config':<16} {'epilogue':<10} {'sa⊗sw':>5} {'W':>6} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
-             f"{'CTA/SM':>6} {'instr/group':>11} {'est. of peak':>12}"
+             f"{'CTA/SM':>6} {'instr/group':>11} {'out/elem':>8} {'est. of peak':>12}"
     print(header)
     for r in reports:
         print(f"{'sm_' + str(r.arch):>5} {r.dot:>5} {r.config:<16} {r.epilogue:<10} {'MMA' if r.scale_mma else 'FP32':>5} "
               f"{'bytes' if r.expand_weights else 'packed':>6} "
               f"{r.registers:>4} {r.spill_bytes:>5} {r.loop_spills:>7} {r.shared_bytes / 1024:>7.0f} {r.ctas_per_sm:>6} "
-              f"{r.instructions_per_group:>11.0f} {r.est_peak_fraction:>12.0%}")
+              f"{r.instructions_per_group:>11.0f} {r.outside_loop_per_element:>8.1f} {r.est_peak_fraction:>12.0%}")
     for arch, dot in targets:
         if dot != "fp16":
             per_element, _ = quantize_instructions(arch, kw.act_code_format(dot))

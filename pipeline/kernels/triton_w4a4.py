@@ -10,6 +10,10 @@
    channel scales, adds bias and the low-rank up projection, and writes the output dtype.
    Dot types: "fp8" (e4m3; every INT4 code is exact in it; Ada/Hopper/Blackwell), "int8"
    (Turing/Ampere), "fp16" (NVFP4 emulation: E2M1 values are exact in fp16; no native FP4 is used).
+3. `w4a4_gemm_gelu_quant`: an MLP's first layer (INT4), whose epilogue applies GELU and does the
+   next layer's part of 1. on the tile, so the 16-bit activation between the two layers never
+   reaches memory (pipeline/quantization/fused_mlp.py). About 37 instructions per element on top of
+   the plain epilogue: the activation kernel's work plus GELU (kernel_static.py reports it).
 
 Where the instructions go (benchmarks/kernel_static.py reports what each tile config compiles to):
 - Weight codes are packed as numerics.pack_nibbles does (byte j = codes 2j, 2j+1). Bit operations on
@@ -446,11 +450,22 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
+_EX2_ASM = tl.constexpr("ex2.approx.ftz.f32 $0, $1;")
+_RCP_ASM = tl.constexpr("rcp.approx.ftz.f32 $0, $1;")
+# GELU's tanh form as y·sigmoid(2u), u = √(2/π)·(y + 0.044715·y³): y / (1 + 2^t), t = y·(C1 + C2·y²) = -2u·log2(e)
+_GELU_C1 = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634)
+_GELU_C2 = tl.constexpr(-2.0 * 0.7978845608028654 * 1.4426950408889634 * 0.044715)
+
+
 @triton.jit
-def _gelu(y):
-    """GELU, tanh form, in fp32: y·sigmoid(2u) with u = √(2/π)·(y + 0.044715·y³), which is 0.5·y·(1 + tanh u)."""
-    minus_2u = -1.5957691216057308 * (y + 0.044715 * y * y * y)
-    return tl.math.div_rn(y, 1.0 + tl.exp(tl.minimum(minus_2u, 80.0)))  # capped: no overflow far left
+def _gelu(y, ON_GPU: tl.constexpr):
+    """GELU (tanh form) of fp32 y, to a few fp32 ulps: the result is rounded to 16 bits next. On a GPU
+    one exp2 and one reciprocal (MUFU) and six FP32 instructions per element."""
+    t = tl.minimum(y * (_GELU_C1 + _GELU_C2 * (y * y)), 126.0)  # capped: 1 + 2^t stays finite far left
+    if ON_GPU:
+        e = tl.inline_asm_elementwise(_EX2_ASM, "=r,r", [t], dtype=tl.float32, is_pure=True, pack=1)
+        return y * tl.inline_asm_elementwise(_RCP_ASM, "=r,r", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1)
+    return y / (1.0 + tl.exp2(t))
 
 
 @triton.jit
@@ -475,7 +490,7 @@ def _w4a4_gemm_gelu_quant_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, 
                      DOT, SIGNED_A, HAS_BIAS, HAS_WC, G, BLOCK_R, BLOCK_M, BLOCK_N, A_BYTES, W_BYTES, SCALE_MMA,
                      ON_GPU)
     X: tl.constexpr = nscales_ptr.dtype.element_ty  # the model's dtype: INT4 scales are held in it
-    h = _gelu(acc.to(X).to(tl.float32)).to(X)  # rounded as the layer's output, then as torch's 16-bit GELU
+    h = _gelu(acc.to(X).to(tl.float32), ON_GPU).to(X)  # rounded as the layer's output, then as torch's 16-bit GELU
     if NEXT_HAS_SHIFT:
         h = (h.to(tl.float32) + nshift).to(X)
     nr = tl.arange(0, BLOCK_NR)
@@ -486,8 +501,10 @@ def _w4a4_gemm_gelu_quant_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, 
         part = tl.dot(h.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
     tl.atomic_add(nlow_ptr + rows[:, None] * NR + nr[None, :], part, mask=row_ok[:, None] & (nr[None, :] < NR),
                   sem="relaxed")
-    sm = tl.load(nsmooth_ptr + cols, mask=col_ok, other=1.0).to(X).to(tl.float32)
-    xs = tl.math.div_rn(h.to(tl.float32), sm[None, :]).to(X).to(tl.float32)
+    # x / smooth as a product with the reciprocal, formed once per column: within two fp32 ulps of the
+    # quotient, so once rounded to 16 bits it is the activation kernel's value but for rare ties
+    inv_sm = tl.math.div_rn(1.0, tl.load(nsmooth_ptr + cols, mask=col_ok, other=1.0).to(X).to(tl.float32))
+    xs = (h.to(tl.float32) * inv_sm[None, :]).to(X).to(tl.float32)
     GROUPS: tl.constexpr = BLOCK_N // G
     xs = tl.reshape(xs, (BLOCK_M, GROUPS, G))
     q, scale = _int4_quantize(xs, tl.max(tl.abs(xs), axis=2), NEXT_UNSIGNED, X, ON_GPU)
@@ -704,8 +721,9 @@ def w4a4_gemm_gelu_quant(a_codes, a_scales, w_codes, w_scales, low, proj_up, bia
     and the next layer's smooth, proj_down, shift and signedness. Returns what quantize_act would return
     for gelu(layer output) and the next layer: its codes one per byte in the dot's type (M, N), scales
     (M, N/64) and the low-rank down projection (M, R') in fp32, summed over column tiles in no fixed
-    order. Rounding as the unfused path: the layer's output and GELU's both round to out_dtype; GELU's
-    fp32 arithmetic differs from torch's in the last bits, so an element may land one 16-bit step off.
+    order. Rounding as the unfused path: the layer's output, GELU's and x/smooth all round to out_dtype;
+    GELU and the division (a product with smooth's reciprocal) differ from torch's in the last fp32
+    bits, so an element may rarely land one 16-bit step off, and its code one step.
     """
     if dot not in ("fp8", "int8"):
         raise ValueError(f"the GELU-quantize epilogue runs INT4 layers (dot 'fp8' or 'int8'), not dot {dot!r}")
