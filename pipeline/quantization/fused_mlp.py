@@ -15,6 +15,7 @@ exactly as before.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional
 
@@ -91,6 +92,13 @@ class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
 
 
+# The single block's forward is rewritten here from diffusers' (0.42); a diffusers whose forward takes
+# other arguments keeps its own (unfused) forward rather than lose what changed.
+_SINGLE_BLOCK_ARGS = ("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb",
+                      "joint_attention_kwargs")
+_SINGLE_BLOCK_MATCHES = tuple(inspect.signature(FluxSingleTransformerBlock.forward).parameters) == _SINGLE_BLOCK_ARGS
+
+
 def _gelu_tanh(act: nn.Module) -> bool:
     return isinstance(act, (GELU, nn.GELU)) and act.approximate == "tanh"
 
@@ -100,7 +108,7 @@ def _fusable(owner: nn.Module) -> bool:
         net = owner.net
         return (len(net) >= 3 and isinstance(net[0], GELU) and _gelu_tanh(net[0]) and _int4(net[0].proj)
                 and _int4(net[2]) and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
-    if type(owner) is FluxSingleTransformerBlock:
+    if type(owner) is FluxSingleTransformerBlock and _SINGLE_BLOCK_MATCHES:
         out = owner.proj_out
         return (_gelu_tanh(owner.act_mlp) and _int4(owner.proj_mlp) and isinstance(out, SplitInputLinear)
                 and _int4(out.second) and out.second.in_features == owner.proj_mlp.out_features)
