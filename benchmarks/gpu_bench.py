@@ -123,6 +123,9 @@ def bench_gemm(device, dtype, shapes, iters, rows: list[dict] | None = None,
                                   dtype, mode, expand_weights=not row["expand_weights"]), device, iters)
             if mode in ("fp8", "int8"):
                 row["expand_ms"] = timed(lambda: expand_weight_codes(layer.packed_codes, mode), device, iters)
+            if mode in ("fp8", "int8") and n > k:  # an MLP's first layer: into the next layer's codes
+                row.update(bench_mlp_first_layer(layer, codes, scales, low, random_svdq(k, n, 32, True, device, dtype),
+                                                 dtype, mode, device, iters))
         row["layer_ms"] = timed(lambda: layer(x), device, iters)
         for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
             if f"{key}_ms" in row:
@@ -135,6 +138,23 @@ def bench_gemm(device, dtype, shapes, iters, rows: list[dict] | None = None,
         del x, w, layer
         _free(device)
     return rows
+
+
+def bench_mlp_first_layer(fc1, codes, scales, low, fc2, dtype, mode: str, device, iters: int) -> dict:
+    """fc1's quantized input -> fc2's quantized input, both ways: fc1's GEMM, torch's GELU and fc2's activation
+    kernel (unfused), or the one GEMM with the GELU-quantize epilogue (fused_mlp.py)."""
+    from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm, w4a4_gemm_gelu_quant
+
+    fc1_args = (codes, scales, fc1.packed_codes, fc1.wscales, low, fc1.proj_up, fc1.bias, dtype, mode, False)
+
+    def unfused():
+        h = torch.nn.functional.gelu(w4a4_gemm(*fc1_args), approximate="tanh")
+        return quantize_act(h, fc2.smooth, fc2.proj_down, fc2.act_shift, True, codes=mode)
+
+    def fused():
+        return w4a4_gemm_gelu_quant(*fc1_args, fc2.smooth, fc2.proj_down, fc2.act_shift, True)
+
+    return {"mlp_unfused_ms": timed(unfused, device, iters), "mlp_fused_ms": timed(fused, device, iters)}
 
 
 # ---------- whole transformers ----------
@@ -373,6 +393,11 @@ def _variant_cells(r: dict) -> list[str]:
     return [f"{r['M']}×{r['K']}×{r['N']}", default, *ms]
 
 
+def _mlp_cells(r: dict) -> list[str]:
+    return [f"{r['M']}×{r['K']}×{r['N']}", f"{r['mlp_unfused_ms']:.3f}", f"{r['mlp_fused_ms']:.3f}",
+            f"{r['mlp_fused_ms'] / r['mlp_unfused_ms']:.2f}"]
+
+
 def _forward_cells(r: dict) -> list[str]:
     if "skipped" in r:
         return [r.get("model", ""), r["variant"], "skipped", r["skipped"], "", ""]
@@ -391,6 +416,14 @@ def print_tables(result: dict) -> None:
             t.add_column(c, justify="left" if c in LEFT else "right")
         for r in result["gemm"]:
             t.add_row(*_gemm_cells(r))
+        console.print(t)
+    mlps = [r for r in result["gemm"] if "mlp_fused_ms" in r]
+    if mlps:
+        t = Table(title="MLP first layer into the next layer's codes (ms)")
+        for c in ("M×K×N", "unfused", "fused", "fused/unfused"):
+            t.add_column(c, justify="left" if c in LEFT else "right")
+        for r in mlps:
+            t.add_row(*_mlp_cells(r))
         console.print(t)
     if result["transformers"]:
         t = Table(title="Transformer forward (batch 1)")
@@ -429,6 +462,12 @@ def markdown(result: dict) -> str:
                   "before the GEMM (bytes, the expansion included) or converted in its K loop (packed).", ""]
         lines += _md_table(("M×K×N", "default", "ms", "other s_a ⊗ s_w", "other weights", "expansion alone"),
                            (_variant_cells(r) for r in variants))
+    mlps = [r for r in result["gemm"] if "mlp_fused_ms" in r]
+    if mlps:
+        lines += ["## MLP first layer into the next layer's codes (ms)", "",
+                  "Unfused: the GEMM writes its 16-bit output, torch's GELU reads and writes it, the next layer's "
+                  "activation kernel reads it. Fused: one GEMM whose epilogue applies GELU and quantizes.", ""]
+        lines += _md_table(("M×K×N", "unfused", "fused", "fused / unfused"), map(_mlp_cells, mlps))
     if result["transformers"]:
         lines += ["## Transformer forward, batch 1", ""] + _md_table(FORWARD_COLUMNS,
                                                                     map(_forward_cells, result["transformers"]))

@@ -48,6 +48,9 @@ def test_gpu_benchmark_times_our_kernels_and_merges_piecewise_runs_into_markdown
     assert all(row["scale_mma"] is False and row["expand_weights"] is False for row in rows)
     assert all(row["w4a4_gemm_other_scale_ms"] > 0 and row["w4a4_gemm_other_expand_ms"] > 0 and row["expand_ms"] > 0
                for row in rows)
+    # an expanding layer (N > K, an MLP's first) is also timed into the next layer's codes, unfused and fused
+    assert [("mlp_fused_ms" in row, row["N"] > row["K"]) for row in rows] == [(False, False), (True, True)]
+    assert rows[1]["mlp_fused_ms"] > 0 and rows[1]["mlp_unfused_ms"] > 0
     r = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--smoke", "--only", "flux", "--variants",
                         "bf16,int4_r32", "--profile", "--out", str(flux)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
@@ -64,6 +67,7 @@ def test_gpu_benchmark_times_our_kernels_and_merges_piecewise_runs_into_markdown
     text = md.read_text()
     assert "| 48×256×128 |" in text and "## Targets (issue #4)" in text and "## Profile: flux int4_r32 eager" in text
     assert "## W4A4 GEMM variants" in text and "| FP32, packed |" in text
+    assert "## MLP first layer into the next layer's codes (ms)" in text and "| 48×128×256 |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
