@@ -258,6 +258,16 @@ def _store_codes(codes_ptr, q, rows, first_col, row_ok, K, CODES: tl.constexpr, 
 
 
 @triton.jit
+def _low_rank_down(x, down, ON_GPU: tl.constexpr):
+    """x · proj_down for one K slice, fp32 (rows, R): with 16-bit x and proj_down one MMA (exact products,
+    fp32 sums); else fp32-level accuracy on the tensor cores (three TF32 products per term), fp32 in the
+    interpreter."""
+    if x.dtype == down.dtype and x.dtype != tl.float32:
+        return tl.dot(x, down, out_dtype=tl.float32)
+    return tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
+
+
+@triton.jit
 def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low_ptr, M, stride_xm, K: tl.constexpr,
                          R: tl.constexpr, shift, HAS_SHIFT: tl.constexpr, UNSIGNED: tl.constexpr, FP4: tl.constexpr,
                          G: tl.constexpr, CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -273,11 +283,8 @@ def _quantize_act_kernel(x_ptr, smooth_ptr, down_ptr, codes_ptr, scales_ptr, low
         x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None], other=0.0)
         if HAS_SHIFT:
             x = (x.to(tl.float32) + shift).to(x.dtype)  # as torch adds a Python float: fp32 math, rounded
-        down = tl.load(down_ptr + k[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0)
-        if x.dtype == down.dtype and x.dtype != tl.float32:  # 16-bit: exact products, fp32 sums, one MMA
-            low += tl.dot(x, down, out_dtype=tl.float32)
-        else:  # fp32-level accuracy on the tensor cores (three TF32 products per term); the interpreter: fp32
-            low += tl.dot(x.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
+        low += _low_rank_down(x, tl.load(down_ptr + k[:, None] * R + rr[None, :], mask=rr[None, :] < R, other=0.0),
+                              ON_GPU)
         sm = tl.load(smooth_ptr + k).to(x.dtype).to(tl.float32)
         xs = tl.math.div_rn(x.to(tl.float32), sm[None, :]).to(x.dtype).to(tl.float32)
         amax = tl.max(tl.abs(xs), axis=1)
@@ -495,10 +502,7 @@ def _w4a4_gemm_gelu_quant_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, 
         h = (h.to(tl.float32) + nshift).to(X)
     nr = tl.arange(0, BLOCK_NR)
     down = tl.load(ndown_ptr + cols[:, None] * NR + nr[None, :], mask=col_ok[:, None] & (nr[None, :] < NR), other=0.0)
-    if h.dtype == down.dtype and h.dtype != tl.float32:  # 16-bit: exact products, fp32 sums
-        part = tl.dot(h, down, out_dtype=tl.float32)
-    else:
-        part = tl.dot(h.to(tl.float32), down.to(tl.float32), input_precision="tf32x3" if ON_GPU else "ieee")
+    part = _low_rank_down(h, down, ON_GPU)
     tl.atomic_add(nlow_ptr + rows[:, None] * NR + nr[None, :], part, mask=row_ok[:, None] & (nr[None, :] < NR),
                   sem="relaxed")
     # x / smooth as a product with the reciprocal, formed once per column: within two fp32 ulps of the
