@@ -36,12 +36,14 @@ def _int4(layer: nn.Module) -> bool:
     return isinstance(layer, SVDQW4A4Linear) and layer.precision == "int4"
 
 
-def gelu_mlp(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding where fc2 is a W4A4 layer]."""
+def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding]; fc1 and fc2 are INT4 W4A4 layers
+    (install_fused_mlp swaps in the fused forwards only then)."""
     from pipeline.kernels.dispatch import kernel_mode
 
     mode = kernel_mode(x.device, "int4")
-    if _int4(fc1) and _int4(fc2) and mode in ("fp8", "int8"):
+    if mode in ("fp8", "int8"):
         from pipeline.kernels import ops
 
         x2 = x.reshape(-1, fc1.in_features)
@@ -53,12 +55,7 @@ def gelu_mlp(x: torch.Tensor, fc1: nn.Module, fc2: nn.Module, residual: Optional
         y = ops.w4a4_gemm(codes, scales, fc2.packed_codes, fc2.wscales, low, fc2.proj_up, fc2.bias,
                           fc2.act_unsigned, mode, res)
         return y.reshape(*x.shape[:-1], fc2.out_features)
-    h = F.gelu(fc1(x), approximate="tanh")
-    if residual is None:
-        return fc2(h)
-    if isinstance(fc2, SVDQW4A4Linear):
-        return fc2(h, residual=residual)
-    return residual + fc2(h)
+    return fc2(F.gelu(fc1(x), approximate="tanh"), residual=residual)
 
 
 class FusedGeluFeedForward(FeedForward):
