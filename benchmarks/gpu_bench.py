@@ -280,6 +280,11 @@ def profile_forward(model, kw, device, top: int = 25) -> list[dict]:
     return rows
 
 
+def is_ablation(variant: str) -> bool:
+    """int4_r<rank>_unfused: the MLPs without the fused GELU epilogue, to measure what it saves."""
+    return variant.endswith("_unfused")
+
+
 def bench_transformer(family: str, config: dict, device, dtype, tokens: int, text_tokens: int, iters: int,
                       compile_: set[str], variants: list[str], profile: bool = False,
                       rows: list[dict] | None = None, on_row: Callable[[], None] = lambda: None) -> list[dict]:
@@ -287,10 +292,12 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
     off by a time limit keeps what it had). Every variant's eager forward comes before any torch.compile
     (minutes per full model), so the rows the targets need most are measured first; ablations come last."""
     rows = [] if rows is None else rows
-    main = [v for v in variants if not v.endswith("_unfused")]  # ablations last: the targets need the others
-    plan = ([(v, "eager") for v in main] + [(v, "compiled") for v in main if v in compile_]
-            + [(v, mode) for v in variants if v not in main for mode in ("eager", "compiled")
-               if mode == "eager" or v in compile_])
+
+    def stages(vs: list[str]) -> list[tuple[str, str]]:
+        return [(v, "eager") for v in vs] + [(v, "compiled") for v in vs if v in compile_]
+
+    ablations = [v for v in variants if is_ablation(v)]  # last: the targets need the others
+    plan = stages([v for v in variants if v not in ablations]) + stages(ablations)
     profiled: set[str] = set()
     for variant, mode in plan:
         if any(r.get("model") == family and r["variant"] == variant and "skipped" in r for r in rows):
@@ -358,8 +365,8 @@ def targets(gemm: list[dict], forwards: list[dict]) -> list[dict]:
         bf16 = by.get((model, "bf16", "eager"))
         nf4 = by.get((model, "nf4", "eager"))
         for (m, variant, mode), r in sorted(by.items()):
-            if m != model or not variant.startswith("int4") or variant.endswith("_unfused"):
-                continue  # an ablation, shown in the table, not a target
+            if m != model or not variant.startswith("int4") or is_ablation(variant):
+                continue  # an ablation is shown in the table, not a target
             if bf16:
                 v = r["ms_per_forward"] / bf16["ms_per_forward"]
                 out.append({"target": f"{model} {variant} {mode} forward <= 0.75x BF16 eager", "value": v,

@@ -153,21 +153,13 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     return int(re.search(r"Used (\d+) registers", log).group(1)), int(re.search(r"(\d+) bytes spill stores", log).group(1))
 
 
-def _sass(cubin: bytes) -> str:
+def sass(cubin: bytes) -> tuple[list[str], dict[str, int]]:
+    """The kernel's SASS, disassembled once: its instructions in order, and each label's position among them."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(NVIDIA_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
+        text = subprocess.run([str(NVIDIA_BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
                               check=True).stdout
-
-
-def _instruction_count(cubin: bytes) -> int:
-    return sum(1 for line in _sass(cubin).splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line))
-
-
-def main_loop_instructions(cubin: bytes) -> collections.Counter:
-    """SASS opcodes of the longest loop that issues tensor-core MMAs (the K loop), one thread's view."""
-    text = _sass(cubin)
     lines, labels = [], {}
     for line in text.splitlines():
         label = re.match(r"^(\.L_x_\d+):", line)
@@ -176,6 +168,16 @@ def main_loop_instructions(cubin: bytes) -> collections.Counter:
         ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
         if ins:
             lines.append(ins.group(1))
+    return lines, labels
+
+
+def main_loop_instructions(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the longest loop that issues tensor-core MMAs (the K loop), one thread's view."""
+    return loop_opcodes(*sass(cubin))
+
+
+def loop_opcodes(lines: list[str], labels: dict[str, int]) -> collections.Counter:
+    """main_loop_instructions of a kernel disassembled already (sass)."""
     body: list[str] = []
     for i, ins in enumerate(lines):
         target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", ins)
@@ -198,11 +200,12 @@ def analyse(arch: int, dot: str, index: int, scale_mma=None, expand=None, gelu_q
     expand = expand and dot != "fp16"
     ck = compile_gemm(arch, dot, config, on_mma, expand, gelu_quant=gelu_quant)
     regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
-    ops = main_loop_instructions(ck.asm["cubin"])
+    lines, labels = sass(ck.asm["cubin"])  # disassembled once: the K loop and the instructions outside it
+    ops = loop_opcodes(lines, labels)
     c = config.kwargs
     per_group = sum(ops.values())
     warps = config.num_warps
-    outside = (_instruction_count(ck.asm["cubin"]) - per_group) / (c["BLOCK_M"] * c["BLOCK_N"] / (32 * warps))
+    outside = (len(lines) - per_group) / (c["BLOCK_M"] * c["BLOCK_N"] / (32 * warps))
     regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
     ctas = min(REGS_PER_SM // (regs_per_warp * warps), SMEM_PER_SM[arch] // (ck.metadata.shared + 1024),
                WARPS_PER_SM[arch] // warps)

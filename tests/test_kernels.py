@@ -35,6 +35,15 @@ def make_layer(m, k, n, rank, unsigned, precision="int4", seed=0):
     return layer.to(DEVICE), x.to(DEVICE)
 
 
+def hold_in(dtype, *layers):
+    """As a 16-bit model holds them: smooth and the low-rank factors in its dtype (then the down projection is
+    one 16-bit MMA and the up projection splits only `low`); an fp32 model keeps them as quantized."""
+    if dtype != torch.float32:
+        for layer in layers:
+            layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
+                                                                                 layer.proj_up))
+
+
 # (M, K, N, rank): ragged M and N (not multiples of any tile), rank 0, rank not a power of two.
 SHAPES = [(1, 128, 32, 16), (17, 128, 96, 32), (40, 256, 160, 0), (33, 384, 64, 48)]
 # precision, unsigned activations, dot type
@@ -131,9 +140,7 @@ def test_nvfp4_activation_rounding_at_ties_and_subnormal_scales():
 def test_gemm_kernel_matches_reference(m, k, n, rank, precision, unsigned, dot, dtype):
     layer, x = make_layer(m, k, n, rank, unsigned, precision)
     x = x.to(dtype)
-    if dtype != torch.float32:  # as a 16-bit model holds them (the up projection then splits only `low`)
-        layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
-                                                                             layer.proj_up))
+    hold_in(dtype, layer)
     fmt = dot if precision == "int4" and m % 2 else "packed"  # activation codes in both formats
     codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, layer.act_shift, unsigned, precision,
                                       block_m=16, codes=fmt)
@@ -193,10 +200,7 @@ def test_split_input_layer_reads_column_slices_in_place_and_adds_in_the_epilogue
 
     first, x1 = make_layer(20, 128, 64, 16, False, seed=1)
     second, x2 = make_layer(20, 192, 64, 16, True, seed=2)
-    if dtype != torch.float32:
-        for layer in (first, second):
-            layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
-                                                                                 layer.proj_up))
+    hold_in(dtype, first, second)
     wide = torch.cat([x1, x2], dim=1).to(dtype).reshape(2, 10, 320)
     split = SplitInputLinear(first, second)
     ref = split(wide)  # the reference path
@@ -230,10 +234,7 @@ def make_mlp(m, k, hidden, n, rank, next_rank, dtype, seed=0):
     """fc1 (k -> hidden) and fc2 (hidden -> n, unsigned GELU inputs with the shift), held in `dtype`."""
     fc1, x = make_layer(m, k, hidden, rank, False, seed=seed)
     fc2, _ = make_layer(m, hidden, n, next_rank, True, seed=seed + 1)
-    if dtype != torch.float32:
-        for layer in (fc1, fc2):
-            layer.smooth, layer.proj_down, layer.proj_up = (t.to(dtype) for t in (layer.smooth, layer.proj_down,
-                                                                                 layer.proj_up))
+    hold_in(dtype, fc1, fc2)
     return fc1, fc2, x.to(dtype)
 
 
