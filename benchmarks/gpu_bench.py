@@ -61,6 +61,19 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: in
     return statistics.median(times)
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Median milliseconds of one call as the GPU runs it, for the GEMM-level rows. On CUDA this is Triton's
+    do_bench: the L2 cache is cleared before every call (weights arrive cold, as in a transformer) and that
+    clearing is queued before the start event, so the Python launch (larger for a Triton kernel than for
+    cuBLAS) happens while the GPU is busy and stays off the clock. Per-call events after a synchronize
+    (`timed`) would charge each kernel its launch latency. Elsewhere (the CPU smoke run) it is `timed`."""
+    if device.type != "cuda":
+        return timed(fn, device, iters)
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
 def random_svdq(n: int, k: int, rank: int, unsigned: bool, device, dtype):
     from pipeline.quantization.layers import SVDQW4A4Linear
     from pipeline.quantization.numerics import GELU_SHIFT
@@ -90,12 +103,12 @@ def bench_gemm(device, dtype, shapes, iters, rows: list[dict] | None = None,
         w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
         flop = 2 * m * n * k
         row = {"M": m, "K": k, "N": n}
-        row["bf16_ms"] = timed(lambda: x @ w.T, device, iters)
+        row["bf16_ms"] = kernel_ms(lambda: x @ w.T, device, iters)
         if device.type == "cuda" and hasattr(torch, "_scaled_mm"):
             xf, wf = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
             one = torch.ones((), device=device)
-            row["fp8_ms"] = timed(lambda: torch._scaled_mm(xf, wf.t(), scale_a=one, scale_b=one, out_dtype=dtype),
-                                  device, iters)
+            row["fp8_ms"] = kernel_ms(lambda: torch._scaled_mm(xf, wf.t(), scale_a=one, scale_b=one, out_dtype=dtype),
+                                      device, iters)
         layer = random_svdq(n, k, 32, False, device, dtype)
         mode = kernel_mode(device, "int4")
         row["kernel"] = mode
@@ -106,27 +119,27 @@ def bench_gemm(device, dtype, shapes, iters, rows: list[dict] | None = None,
 
             fmt = act_code_format(mode)  # as the layer runs it (ops.w4a4_linear)
             codes, scales, low = quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt)
-            row["w4a4_gemm_ms"] = timed(lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low,
-                                                          layer.proj_up, layer.bias, dtype, mode), device, iters)
-            row["act_quant_ms"] = timed(lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt),
-                                        device, iters)
+            row["w4a4_gemm_ms"] = kernel_ms(lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low,
+                                                              layer.proj_up, layer.bias, dtype, mode), device, iters)
+            row["act_quant_ms"] = kernel_ms(
+                lambda: quantize_act(x, layer.smooth, layer.proj_down, 0.0, False, codes=fmt), device, iters)
             # the other way of forming s_a ⊗ s_w (tensor cores vs FP32), so a run shows which default pays
             arch = device_arch(device)
             row["scale_mma"] = scale_mma_default(mode, arch, scales.dtype, layer.wscales.dtype)
-            row["w4a4_gemm_other_scale_ms"] = timed(
+            row["w4a4_gemm_other_scale_ms"] = kernel_ms(
                 lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
                                   dtype, mode, scale_mma=not row["scale_mma"]), device, iters)
             # and weight codes packed vs expanded one per byte first (the expansion is inside the timings)
             row["expand_weights"] = expand_weights_default(mode, arch)
-            row["w4a4_gemm_other_expand_ms"] = timed(
+            row["w4a4_gemm_other_expand_ms"] = kernel_ms(
                 lambda: w4a4_gemm(codes, scales, layer.packed_codes, layer.wscales, low, layer.proj_up, layer.bias,
                                   dtype, mode, expand_weights=not row["expand_weights"]), device, iters)
             if mode in ("fp8", "int8"):
-                row["expand_ms"] = timed(lambda: expand_weight_codes(layer.packed_codes, mode), device, iters)
+                row["expand_ms"] = kernel_ms(lambda: expand_weight_codes(layer.packed_codes, mode), device, iters)
             if mode in ("fp8", "int8") and n > k:  # an MLP's first layer: into the next layer's codes
                 row.update(bench_mlp_first_layer(layer, codes, scales, low, random_svdq(k, n, 32, True, device, dtype),
                                                  dtype, mode, device, iters))
-        row["layer_ms"] = timed(lambda: layer(x), device, iters)
+        row["layer_ms"] = kernel_ms(lambda: layer(x), device, iters)
         for key in ("bf16", "fp8", "w4a4_gemm", "layer"):
             if f"{key}_ms" in row:
                 row[f"{key}_tflops"] = flop / (row[f"{key}_ms"] * 1e-3) / 1e12
@@ -154,7 +167,7 @@ def bench_mlp_first_layer(fc1, codes, scales, low, fc2, dtype, mode: str, device
     def fused():
         return w4a4_gemm_gelu_quant(*fc1_args, fc2.smooth, fc2.proj_down, fc2.act_shift, True)
 
-    return {"mlp_unfused_ms": timed(unfused, device, iters), "mlp_fused_ms": timed(fused, device, iters)}
+    return {"mlp_unfused_ms": kernel_ms(unfused, device, iters), "mlp_fused_ms": kernel_ms(fused, device, iters)}
 
 
 # ---------- whole transformers ----------
@@ -381,6 +394,8 @@ def targets(gemm: list[dict], forwards: list[dict]) -> list[dict]:
     return out
 
 
+TIMING = ("GEMM, layer and MLP rows: triton.testing.do_bench median, L2 cleared before each call; "
+          "forwards: CUDA events around each forward, median")
 GEMM_COLUMNS = ("M×K×N", "cuBLAS BF16", "cuBLAS FP8", "ours W4A4 GEMM", "ours layer (act quant + GEMM)",
                 "GEMM / BF16", "kernel")
 GEMM_SHORT = ("M×K×N", "bf16", "fp8", "ours gemm", "ours layer", "gemm/bf16", "kernel")  # terminal widths
@@ -456,6 +471,8 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU benchmark: {result['device']}", "",
              f"torch {result['torch']}, {result['dtype']}; written by `benchmarks/gpu_bench.py` "
              f"(JSON beside this file). Ratios are measured in the same run.", ""]
+    if result.get("timing"):
+        lines += [f"Timing: {result['timing']}.", ""]
     if not result.get("complete", True):
         cut = ", ".join(result.get("incomplete") or ["this run"])
         lines += [f"**Incomplete:** {cut} stopped before measuring everything it was asked to; "
@@ -503,6 +520,7 @@ def merge(paths: list[str]) -> dict:
     if len(devices) > 1:
         raise SystemExit(f"refusing to merge runs from different devices: {sorted(devices)}")
     result = {k: parts[0][k] for k in ("device", "torch", "smoke", "dtype")}
+    result["timing"] = parts[0].get("timing")
     result["gemm"] = [r for p in parts for r in p["gemm"]]
     result["transformers"] = [r for p in parts for r in p["transformers"]]
     result["autotune"] = {k: v for p in parts for k, v in p.get("autotune", {}).items()}
@@ -567,7 +585,7 @@ def main() -> None:
     variants = args.variants.split(",")
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
               "torch": torch.__version__, "smoke": args.smoke, "dtype": str(dtype), "gemm": [], "transformers": [],
-              "complete": False}
+              "complete": False, "timing": TIMING if device.type == "cuda" else "CPU wall clock (smoke: meaningless)"}
     out = Path(args.out)
     started = time.perf_counter()
 

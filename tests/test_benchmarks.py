@@ -67,6 +67,7 @@ def test_gpu_benchmark_times_our_kernels_and_merges_piecewise_runs_into_markdown
     text = md.read_text()
     assert "| 48×256×128 |" in text and "## Targets (issue #4)" in text and "## Profile: flux int4_r32 eager" in text
     assert "## W4A4 GEMM variants" in text and "| FP32, packed |" in text
+    assert "Timing: CPU wall clock" in text  # how the rows were timed travels through the merge
     assert "## MLP first layer into the next layer's codes (ms)" in text and "| 48×128×256 |" in text
 
 
