@@ -134,6 +134,29 @@ def compile_expand(arch: int, dot: str, k: int = 3072):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
 
 
+_ROPE_ARGS = [("q_ptr", "*bf16"), ("k_ptr", "*bf16"), ("stride_b", "i64"), ("stride_s", "i32"), ("wq_ptr", "*bf16"),
+              ("wk_ptr", "*bf16"), ("cos_ptr", "*fp32"), ("sin_ptr", "*fp32"), ("tab_stride_s", "i32"),
+              ("tab_stride_j", "i32"), ("tab_row0", "i32"), ("oq_ptr", "*bf16"), ("ok_ptr", "*bf16"),
+              ("out_stride_b", "i64"), ("out_stride_s", "i32"), ("out_row0", "i32"), ("S", "i32"), ("H", "i32"),
+              ("eps", "fp32")]
+
+
+def rope_kernel_usage(arch: int, paired: bool, heads: int = 24, head_dim: int = 128) -> tuple[float, int, int]:
+    """The q/k norm + RoPE kernel (triton_rope.py) as launched for FLUX (paired=False) or Qwen-Image (True):
+    (SASS instructions per element, registers, spill bytes)."""
+    from pipeline.kernels import triton_rope
+
+    block_h = triton_rope.heads_per_program(heads, head_dim)
+    const = dict(D=head_dim, BLOCK_H=block_h, HAS_W=True, ROUND_NORMED=paired, PAIRED=paired)
+    signature = {**dict(_ROPE_ARGS), **{name: "constexpr" for name in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (_, t) in enumerate(_ROPE_ARGS) if t.startswith("*")}
+    src = ASTSource(fn=triton_rope._qk_norm_rope_kernel, signature=signature, constexprs=const, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=triton_rope.NUM_WARPS))
+    lines, _ = sass(ck.asm["cubin"])
+    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
+    return len(lines) * 32 * triton_rope.NUM_WARPS / (block_h * head_dim), regs, spills
+
+
 def quantize_instructions(arch: int, codes: str) -> tuple[float, collections.Counter]:
     """SASS instructions per activation element of the activation kernel's K loop, and the loop's opcodes."""
     ck = compile_quantize(arch, codes)
@@ -260,6 +283,11 @@ def main(argv=None) -> list[Report]:
         if dot != "fp16":
             per_element, _ = quantize_instructions(arch, kw.act_code_format(dot))
             print(f"activation kernel, sm_{arch} {dot} codes: {per_element:.0f} instructions per element")
+    for arch in sorted({arch for arch, _ in targets}, reverse=True):
+        for model, paired in (("FLUX", False), ("Qwen-Image", True)):
+            per_element, regs, spills = rope_kernel_usage(arch, paired)
+            print(f"q/k norm + RoPE kernel, sm_{arch} {model}: {per_element:.0f} instructions per element, "
+                  f"{regs} registers, {spills} bytes spilled")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1))

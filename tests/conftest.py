@@ -54,3 +54,36 @@ def write_manifest(tmp_path):
         return p
 
     return _write
+
+
+def kernels_then_reference(monkeypatch, transformer, model: str, module, name: str):
+    """A quantized tiny transformer's output with the Triton kernels (the interpreter on CPU), then with the
+    reference, counting the calls of `module.name` during the kernel run: (kernels, reference, calls)."""
+    from test_checkpoint import transformer_inputs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    if device.type == "cpu":
+        monkeypatch.setenv("SVDQ_KERNELS", "triton")
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs(model).items()}
+    with torch.no_grad():
+        out = transformer.to(device)(**kw).sample
+        monkeypatch.setattr(module, name, real)
+        monkeypatch.setenv("SVDQ_KERNELS", "reference")
+        ref = transformer(**kw).sample
+    monkeypatch.delenv("SVDQ_KERNELS")
+    return out, ref, len(calls)
+
+
+def fusion_on_and_off(monkeypatch, model: str, fusion, module, name: str):
+    """A quantized tiny transformer built with a fusion on, and one built with it off (`fusion.ENABLED`), each
+    run as kernels_then_reference runs it: (the first transformer, its results, the second's results)."""
+    from test_checkpoint import quantized_pipe
+
+    on_model = quantized_pipe(model, "int4").transformer
+    on = kernels_then_reference(monkeypatch, on_model, model, module, name)
+    monkeypatch.setattr(fusion, "ENABLED", False)
+    off = kernels_then_reference(monkeypatch, quantized_pipe(model, "int4").transformer, model, module, name)
+    return on_model, on, off

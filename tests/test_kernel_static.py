@@ -78,20 +78,20 @@ def test_gelu_quantize_epilogue_leaves_the_k_loop_as_it_is(report):
         assert 0 < extra <= 48, f"{where}: the epilogue adds {extra} instructions per element"
 
 
-def _compile_in_subprocess(code: str) -> str:
+def _compiled_rows(code: str) -> list[list[str]]:
+    """Run `code` (compiling, not interpreting) in a fresh interpreter: its printed lines, split on spaces."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+    return [line.split() for line in r.stdout.strip().splitlines()]
 
 
 def test_activation_kernel_compiles_for_each_code_format_and_target():
-    out = _compile_in_subprocess(
+    rows = _compiled_rows(
         "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
         "for arch, codes in [(90, 'fp8'), (90, 'packed'), (80, 'int8')]:\n"
         "    ck = ks.compile_quantize(arch, codes)\n"
         "    print(arch, codes, ks._ptxas_usage(ck.asm['ptx'], arch)[1], 'st.global' in ck.asm['ptx'])\n")
-    rows = [line.split() for line in out.strip().splitlines()]
     assert [r[:2] for r in rows] == [["90", "fp8"], ["90", "packed"], ["80", "int8"]]
     assert all(r[2] == "0" and r[3] == "True" for r in rows)  # no spills; the codes are stored
 
@@ -99,26 +99,41 @@ def test_activation_kernel_compiles_for_each_code_format_and_target():
 def test_activation_kernel_rounds_and_converts_without_int_float_conversions():
     """Codes go float -> FP8 (F2FP) or INT8 (a magic add), rounding is one FRND, the low-rank product
     of 16-bit inputs is one 16-bit MMA per tile (no TF32x3 splitting)."""
-    out = _compile_in_subprocess(
+    rows = _compiled_rows(
         "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
         "for arch, codes in [(90, 'fp8'), (80, 'int8')]:\n"
         "    per, ops = ks.quantize_instructions(arch, codes)\n"
         "    print(arch, codes, round(per), ops['F2I'] + ops['I2F'], ops['FRND'], ops['HMMA'])\n")
-    for line in out.strip().splitlines():
-        arch, codes, per_element, conversions, rounds, mmas = line.split()
-        assert conversions == "0", line
-        assert int(rounds) == 16, line  # one per element a thread holds (32 x 64 over 128 threads)
-        assert int(mmas) <= 8, line  # (32 x 64) x (64 x 32) as m16n8k16: 8 per warp (TF32x3 took 96)
-        assert int(per_element) < 40, line  # it was 100 with floor rounding, int codes and TF32x3
+    assert len(rows) == 2
+    for row in rows:
+        arch, codes, per_element, conversions, rounds, mmas = row
+        assert conversions == "0", row
+        assert int(rounds) == 16, row  # one per element a thread holds (32 x 64 over 128 threads)
+        assert int(mmas) <= 8, row  # (32 x 64) x (64 x 32) as m16n8k16: 8 per warp (TF32x3 took 96)
+        assert int(per_element) < 40, row  # it was 100 with floor rounding, int codes and TF32x3
 
 
 def test_weight_expansion_compiles_to_bit_operations_for_fp8_and_int8():
-    out = _compile_in_subprocess(
+    rows = _compiled_rows(
         "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
         "for arch, dot in [(90, 'fp8'), (80, 'int8')]:\n"
         "    ptx = ks.compile_expand(arch, dot).asm['ptx']\n"
         "    print(arch, dot, ks._ptxas_usage(ptx, arch)[1], 'cvt.rn.satfinite.e4m3x2.f16x2' in ptx,\n"
         "          'mad.lo.u32' in ptx, 'cvt.rn.f32.s32' in ptx or 'cvt.rn.f16.s32' in ptx)\n")
-    rows = [line.split() for line in out.strip().splitlines()]
     # FP8 through the fp16 bias trick, INT8 by the sign-extending multiply-add: no int-to-float conversions
     assert rows == [["90", "fp8", "0", "True", "False", "False"], ["80", "int8", "0", "False", "True", "False"]]
+
+
+def test_qk_norm_rope_kernel_compiles_without_spills_and_stays_cheap_per_element():
+    """The attention's q/k kernel (triton_rope.py) for Hopper, Ada and Ampere, as FLUX and Qwen-Image launch it.
+    It moves 4 bytes per element (2 read, 2 written): at H100's ~3 TB/s that is ~1.3 ps per element, and ~25
+    instructions per element (one thread's view) issue in about the same time, so it stays memory-bound."""
+    rows = _compiled_rows(
+        "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
+        "for arch in (90, 89, 80):\n"
+        "    for paired in (False, True):\n"
+        "        print(arch, paired, *ks.rope_kernel_usage(arch, paired))\n")
+    assert [(r[0], r[1]) for r in rows] == [(a, p) for a in ("90", "89", "80") for p in ("False", "True")]
+    for _, _, per_element, regs, spills in rows:
+        assert spills == "0" and int(regs) <= 128
+        assert float(per_element) <= 32, per_element

@@ -328,30 +328,13 @@ def test_whole_quantized_transformer_traces_as_one_graph(monkeypatch, model):
 def test_fused_mlps_skip_the_activation_pass_of_every_fc2_and_match_the_unfused_kernels(monkeypatch, model):
     """With the kernels on, each MLP quantizes its input once (fc1's); fc2's input comes out of fc1's epilogue.
     The transformer's output matches the unfused kernels' and the reference's."""
-    from test_checkpoint import quantized_pipe, transformer_inputs
+    from conftest import fusion_on_and_off
 
     from pipeline.kernels import triton_w4a4
     from pipeline.quantization import fused_mlp
 
-    def run(transformer):
-        passes = []
-        real = triton_w4a4.quantize_act
-        monkeypatch.setattr(triton_w4a4, "quantize_act", lambda *a, **k: passes.append(1) or real(*a, **k))
-        if DEVICE.type == "cpu":
-            monkeypatch.setenv("SVDQ_KERNELS", "triton")
-        kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs(model).items()}
-        with torch.no_grad():
-            out = transformer.to(DEVICE)(**kw).sample
-            monkeypatch.setenv("SVDQ_KERNELS", "reference")
-            ref = transformer(**kw).sample
-        monkeypatch.delenv("SVDQ_KERNELS")
-        monkeypatch.setattr(triton_w4a4, "quantize_act", real)
-        return out, ref, len(passes)
-
-    transformer = quantized_pipe(model, "int4").transformer
-    fused, ref, fused_passes = run(transformer)
-    monkeypatch.setattr(fused_mlp, "ENABLED", False)
-    plain, plain_ref, plain_passes = run(quantized_pipe(model, "int4").transformer)
+    transformer, (fused, ref, fused_passes), (plain, plain_ref, plain_passes) = fusion_on_and_off(
+        monkeypatch, model, fused_mlp, triton_w4a4, "quantize_act")
     mlps = 2 * len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
     assert plain_passes - fused_passes == mlps
     assert torch.equal(ref, plain_ref)

@@ -87,3 +87,22 @@ def awq_w4a16_gemv(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.T
 @awq_w4a16_gemv.register_fake
 def _(x, packed_codes, wscales, wzeros, bias):
     return x.new_empty(x.shape[0], packed_codes.shape[0])
+
+
+@torch.library.custom_op("svdq::qk_norm_rope", mutates_args=())
+def qk_norm_rope(qs: list[torch.Tensor], ks: list[torch.Tensor], wqs: list[Optional[torch.Tensor]],
+                 wks: list[Optional[torch.Tensor]], cos: list[torch.Tensor], sin: list[torch.Tensor], eps: float,
+                 round_normed: bool, paired: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per stream (text, image) q and k (B, S, H, D) -> RMSNorm'd, rotated, concatenated q and k (B, ΣS, H, D)
+    in one pass (triton_rope.py). cos/sin: one table over the joint sequence, or one per stream."""
+    from pipeline.kernels.triton_rope import Stream
+    from pipeline.kernels.triton_rope import qk_norm_rope as kernel
+
+    return kernel([Stream(*t) for t in zip(qs, ks, wqs, wks)], list(cos), list(sin), eps, round_normed, paired)
+
+
+@qk_norm_rope.register_fake
+def _(qs, ks, wqs, wks, cos, sin, eps, round_normed, paired):
+    b, _, h, d = qs[0].shape
+    shape = (b, sum(q.shape[1] for q in qs), h, d)
+    return qs[0].new_empty(shape), qs[0].new_empty(shape)

@@ -4,7 +4,8 @@ A checkpoint holds q, k and v fused (Nunchaku's `to_qkv`); diffusers' attention 
 one, which would quantize the same input three times and run three narrow GEMMs. FLUX's attention
 has a fused path of its own (`fused_projections`, `to_qkv` / `to_added_qkv`). Qwen-Image's processor
 calls q, k and v one by one, so it gets a processor that runs the fused layers and hands diffusers'
-processor the three chunks: the attention itself stays diffusers' code.
+processor the three chunks. Both also get their q/k norm, RoPE and stream concatenation as one kernel
+where the Triton kernels run (fused_attention.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from torch import nn
+
+from pipeline.quantization import fused_attention
 
 FUSED_NAMES = {("to_q", "to_k", "to_v"): "to_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv"}
 
@@ -47,8 +50,10 @@ def install_fused_qkv(transformer: nn.Module, parts: tuple[str, ...], layer: nn.
                                          or hasattr(attn, "to_added_qkv"))
     if kind == "flux":
         attn.fused_projections = ready
+        if ready:
+            fused_attention.install_flux(attn)
     elif ready:
-        attn.set_processor(FusedQKVQwenProcessor())
+        attn.set_processor(FusedQKVQwenProcessor(fused_rope=fused_attention.ENABLED and fused_attention.QWEN_MATCHES))
     return True
 
 
@@ -82,11 +87,21 @@ class _Projected:
 
 
 class FusedQKVQwenProcessor(QwenDoubleStreamAttnProcessor2_0):
-    """Qwen-Image's diffusers processor, fed the q/k/v chunks of the fused layers."""
+    """Qwen-Image's diffusers processor, fed the q/k/v chunks of the fused layers; with fused_rope, q/k norm,
+    RoPE and the concatenation run as one kernel where it can (fused_attention.qwen_attention)."""
+
+    def __init__(self, fused_rope: bool = False):
+        super().__init__()
+        self.fused_rope = fused_rope
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
         img = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         txt = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        if self.fused_rope:
+            out = fused_attention.qwen_attention(self, attn, img, txt, hidden_states, encoder_hidden_states,
+                                                 encoder_hidden_states_mask, attention_mask, image_rotary_emb)
+            if out is not None:
+                return out
         return super().__call__(_Projected(attn, img, txt), hidden_states, encoder_hidden_states,
                                 encoder_hidden_states_mask, attention_mask, image_rotary_emb)
