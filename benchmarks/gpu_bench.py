@@ -293,9 +293,20 @@ def profile_forward(model, kw, device, top: int = 25) -> list[dict]:
     return rows
 
 
+ABLATIONS = {"unfused": (False, False), "unfused-mlp": (False, True), "unfused-rope": (True, False)}
+
+
 def is_ablation(variant: str) -> bool:
-    """int4_r<rank>_unfused: the MLPs without the fused GELU epilogue, to measure what it saves."""
-    return variant.endswith("_unfused")
+    """int4_r<rank>_<ablation>: a fusion turned off, to measure what it saves (a table row, not a target)."""
+    return variant.partition("_")[2].partition("_")[2] in ABLATIONS
+
+
+def int4_variant(variant: str) -> tuple[int, bool, bool]:
+    """int4_r<rank>[_unfused | _unfused-mlp | _unfused-rope] -> (rank, fused MLP, fused q/k norm + RoPE)."""
+    rank, _, ablation = variant.removeprefix("int4_r").partition("_")
+    if not rank.isdigit() or (ablation and ablation not in ABLATIONS):
+        raise SystemExit(f"unknown variant {variant!r}: int4_r<rank>, optionally _{' | _'.join(ABLATIONS)}")
+    return (int(rank), *ABLATIONS.get(ablation, (True, True)))
 
 
 def bench_transformer(family: str, config: dict, device, dtype, tokens: int, text_tokens: int, iters: int,
@@ -325,16 +336,15 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
                 on_row()
                 continue
         elif variant.startswith("int4_r"):
-            from pipeline.quantization import fused_mlp
+            from pipeline.quantization import fused_attention, fused_mlp
 
-            rank, _, ablation = variant.removeprefix("int4_r").partition("_")
-            if ablation not in ("", "unfused"):
-                raise SystemExit(f"unknown variant {variant!r}: int4_r<rank>, optionally _unfused")
-            fused, fused_mlp.ENABLED = fused_mlp.ENABLED, ablation != "unfused"  # _unfused: GELU between the MLP layers
+            rank, mlp, rope = int4_variant(variant)
+            flags = fused_mlp.ENABLED, fused_attention.ENABLED
+            fused_mlp.ENABLED, fused_attention.ENABLED = mlp, rope
             try:
-                quantize_random_(model, int(rank), device, dtype)
+                quantize_random_(model, rank, device, dtype)
             finally:
-                fused_mlp.ENABLED = fused
+                fused_mlp.ENABLED, fused_attention.ENABLED = flags
         _free(device)
         kw = transformer_inputs(family, config, tokens, text_tokens, device, dtype)
         fn = torch.compile(model) if mode == "compiled" else model
@@ -560,8 +570,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one BF16 and one INT4 forward")
-    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128,int4_r32_unfused",
-                    help="measured in this order; int4_r<rank>_unfused runs the MLPs without the fused GELU epilogue")
+    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128,int4_r32_unfused-rope,int4_r32_unfused-mlp",
+                    help="measured in this order (ablations last); int4_r<rank>_unfused-rope runs diffusers' q/k norm "
+                         "+ RoPE, _unfused-mlp the MLPs without the fused GELU epilogue, _unfused neither fusion")
     ap.add_argument("--compile-variants", default="bf16,int4_r32",
                     help="variants also timed under torch.compile (each compile of a full model takes minutes)")
     ap.add_argument("--time-budget-s", type=float, default=None,
@@ -583,6 +594,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     iters = 1 if args.smoke else args.iters
     variants = args.variants.split(",")
+    for v in variants:  # before anything is measured
+        if v.startswith("int4_r"):
+            int4_variant(v)
+        elif v not in ("bf16", "nf4"):
+            raise SystemExit(f"unknown variant {v!r}: bf16, nf4 or int4_r<rank>[_{' | _'.join(ABLATIONS)}]")
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
               "torch": torch.__version__, "smoke": args.smoke, "dtype": str(dtype), "gemm": [], "transformers": [],
               "complete": False, "timing": TIMING if device.type == "cuda" else "CPU wall clock (smoke: meaningless)"}
