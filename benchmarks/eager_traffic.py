@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_bench import FLUX_DEV, QWEN_IMAGE, int4_variant  # noqa: E402
+from gpu_bench import FLUX_DEV, QWEN_IMAGE, fusions_off, int4_variant  # noqa: E402
 
 ANCHOR_OTHER_MS = 0.42 * 182.0  # BF16 FLUX.1-dev eager on an H100: the time outside GEMMs and attention
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_scaled_mm", "svdq::w4a4_linear",
@@ -101,7 +101,6 @@ def build(family: str, config: dict, variant: str):
     GPU runs it."""
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-    from pipeline.quantization import fused_attention, fused_mlp
     from pipeline.quantization.layers import AWQW4A16Linear, SVDQW4A4Linear
     from pipeline.quantization.numerics import GELU_SHIFT
     from pipeline.quantization.targets import targets_for
@@ -112,10 +111,8 @@ def build(family: str, config: dict, variant: str):
         model = cls(**config).to(torch.bfloat16).eval()
     if variant == "bf16":
         return model
-    rank, mlp, rope = int4_variant(variant)
-    flags = (fused_mlp.ENABLED, fused_attention.ENABLED)
-    fused_mlp.ENABLED, fused_attention.ENABLED = mlp, rope
-    try:
+    rank, off = int4_variant(variant)
+    with fusions_off(off):
         pending: dict = {}
         for t in targets_for(model):
             mods = [get_module(model, p) for p in t.parts]
@@ -130,8 +127,6 @@ def build(family: str, config: dict, variant: str):
                                        proj_up=_meta(n, rank), bias=_meta(n), act_unsigned=t.after_gelu,
                                        act_shift=GELU_SHIFT if t.after_gelu else 0.0)
             install(model, t, layer, pending)
-    finally:
-        fused_mlp.ENABLED, fused_attention.ENABLED = flags
     return model
 
 
@@ -175,7 +170,8 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", choices=["flux", "qwen-image"], default=["flux", "qwen-image"])
     ap.add_argument("--variants", nargs="+", default=["bf16", "int4_r32", "int4_r32_unfused-rope",
-                                                      "int4_r32_unfused-mlp", "int4_r32_unfused"])
+                                                      "int4_r32_unfused-mlp", "int4_r32_unfused-norm",
+                                                      "int4_r32_unfused"])
     ap.add_argument("--tiny", action="store_true", help="one block of each kind, small widths (the tests)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)

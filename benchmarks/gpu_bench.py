@@ -18,6 +18,7 @@ the GPU tests and these parts, one call each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -293,20 +294,37 @@ def profile_forward(model, kw, device, top: int = 25) -> list[dict]:
     return rows
 
 
-ABLATIONS = {"unfused": (False, False), "unfused-mlp": (False, True), "unfused-rope": (True, False)}
+FUSIONS = ("mlp", "rope", "norm")  # pipeline.quantization.fused_<module>: fused_mlp, fused_attention, fused_norm
+ABLATIONS = {"unfused": set(FUSIONS), **{f"unfused-{f}": {f} for f in FUSIONS}}
 
 
 def is_ablation(variant: str) -> bool:
-    """int4_r<rank>_<ablation>: a fusion turned off, to measure what it saves (a table row, not a target)."""
+    """int4_r<rank>_<ablation>: fusions turned off, to measure what they save (a table row, not a target)."""
     return variant.partition("_")[2].partition("_")[2] in ABLATIONS
 
 
-def int4_variant(variant: str) -> tuple[int, bool, bool]:
-    """int4_r<rank>[_unfused | _unfused-mlp | _unfused-rope] -> (rank, fused MLP, fused q/k norm + RoPE)."""
+def int4_variant(variant: str) -> tuple[int, set[str]]:
+    """int4_r<rank>[_unfused | _unfused-mlp | _unfused-rope | _unfused-norm] -> (rank, the fusions turned off)."""
     rank, _, ablation = variant.removeprefix("int4_r").partition("_")
     if not rank.isdigit() or (ablation and ablation not in ABLATIONS):
         raise SystemExit(f"unknown variant {variant!r}: int4_r<rank>, optionally _{' | _'.join(ABLATIONS)}")
-    return (int(rank), *ABLATIONS.get(ablation, (True, True)))
+    return int(rank), ABLATIONS.get(ablation, set())
+
+
+@contextlib.contextmanager
+def fusions_off(names: set[str]):
+    """Quantize with these fusions left out (each module's ENABLED, read when layers are installed)."""
+    from pipeline.quantization import fused_attention, fused_mlp, fused_norm
+
+    modules = {"mlp": fused_mlp, "rope": fused_attention, "norm": fused_norm}
+    saved = {name: m.ENABLED for name, m in modules.items()}
+    for name, m in modules.items():
+        m.ENABLED = saved[name] and name not in names
+    try:
+        yield
+    finally:
+        for name, m in modules.items():
+            m.ENABLED = saved[name]
 
 
 def bench_transformer(family: str, config: dict, device, dtype, tokens: int, text_tokens: int, iters: int,
@@ -336,15 +354,9 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
                 on_row()
                 continue
         elif variant.startswith("int4_r"):
-            from pipeline.quantization import fused_attention, fused_mlp
-
-            rank, mlp, rope = int4_variant(variant)
-            flags = fused_mlp.ENABLED, fused_attention.ENABLED
-            fused_mlp.ENABLED, fused_attention.ENABLED = mlp, rope
-            try:
+            rank, off = int4_variant(variant)
+            with fusions_off(off):
                 quantize_random_(model, rank, device, dtype)
-            finally:
-                fused_mlp.ENABLED, fused_attention.ENABLED = flags
         _free(device)
         kw = transformer_inputs(family, config, tokens, text_tokens, device, dtype)
         fn = torch.compile(model) if mode == "compiled" else model
@@ -570,9 +582,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one BF16 and one INT4 forward")
-    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128,int4_r32_unfused-rope,int4_r32_unfused-mlp",
+    ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128,int4_r32_unfused-rope,int4_r32_unfused-mlp,"
+                                          "int4_r32_unfused-norm",
                     help="measured in this order (ablations last); int4_r<rank>_unfused-rope runs diffusers' q/k norm "
-                         "+ RoPE, _unfused-mlp the MLPs without the fused GELU epilogue, _unfused neither fusion")
+                         "+ RoPE, _unfused-mlp the MLPs without the fused GELU epilogue, _unfused-norm diffusers' "
+                         "AdaLN norm + modulation, _unfused none of the three fusions")
     ap.add_argument("--compile-variants", default="bf16,int4_r32",
                     help="variants also timed under torch.compile (each compile of a full model takes minutes)")
     ap.add_argument("--time-budget-s", type=float, default=None,

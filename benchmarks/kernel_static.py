@@ -148,13 +148,37 @@ def rope_kernel_usage(arch: int, paired: bool, heads: int = 24, head_dim: int = 
 
     block_h = triton_rope.heads_per_program(heads, head_dim)
     const = dict(D=head_dim, BLOCK_H=block_h, HAS_W=True, ROUND_NORMED=paired, PAIRED=paired)
+    if not paired:
+        const["tab_stride_j"] = 1  # FLUX's (S, D) tables: the JIT specialises a stride of 1
     signature = {**dict(_ROPE_ARGS), **{name: "constexpr" for name in const}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (_, t) in enumerate(_ROPE_ARGS) if t.startswith("*")}
+    # as the JIT specialises a launch: pointers and the row/batch strides (multiples of H·D) divisible by 16
+    strides = ("stride_b", "stride_s", "tab_stride_s", "out_stride_b", "out_stride_s")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(_ROPE_ARGS)
+             if t.startswith("*") or name in strides}
     src = ASTSource(fn=triton_rope._qk_norm_rope_kernel, signature=signature, constexprs=const, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=triton_rope.NUM_WARPS))
     lines, _ = sass(ck.asm["cubin"])
     regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
     return len(lines) * 32 * triton_rope.NUM_WARPS / (block_h * head_dim), regs, spills
+
+
+def norm_kernel_usage(arch: int, dim: int = 3072) -> tuple[float, int, int]:
+    """AdaLN's LayerNorm + modulation kernel (triton_norm.py) for FLUX's width: (SASS instructions per element,
+    registers, spill bytes)."""
+    from pipeline.kernels import triton_norm
+
+    args = [("x_ptr", "*bf16"), ("scale_ptr", "*bf16"), ("shift_ptr", "*bf16"), ("out_ptr", "*bf16"), ("S", "i32"),
+            ("N", "i32"), ("stride_xb", "i64"), ("stride_xs", "i32"), ("stride_mod", "i32"), ("eps", "fp32")]
+    block, warps = triton_norm.launch_shape(dim)
+    signature = {**dict(args), "BLOCK": "constexpr"}
+    # as the JIT specialises a launch at FLUX's width: pointers, N and the strides multiples of 16
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args)
+             if t.startswith("*") or name in ("N", "stride_xb", "stride_xs", "stride_mod")}
+    src = ASTSource(fn=triton_norm._adaln_kernel, signature=signature, constexprs=dict(BLOCK=block), attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+    lines, _ = sass(ck.asm["cubin"])
+    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
+    return len(lines) * 32 * warps / dim, regs, spills
 
 
 def quantize_instructions(arch: int, codes: str) -> tuple[float, collections.Counter]:
@@ -288,6 +312,9 @@ def main(argv=None) -> list[Report]:
             per_element, regs, spills = rope_kernel_usage(arch, paired)
             print(f"q/k norm + RoPE kernel, sm_{arch} {model}: {per_element:.0f} instructions per element, "
                   f"{regs} registers, {spills} bytes spilled")
+        per_element, regs, spills = norm_kernel_usage(arch)
+        print(f"AdaLN norm + modulation kernel, sm_{arch} FLUX: {per_element:.0f} instructions per element, "
+              f"{regs} registers, {spills} bytes spilled")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in reports], indent=1))

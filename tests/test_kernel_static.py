@@ -137,3 +137,16 @@ def test_qk_norm_rope_kernel_compiles_without_spills_and_stays_cheap_per_element
     for _, _, per_element, regs, spills in rows:
         assert spills == "0" and int(regs) <= 128
         assert float(per_element) <= 32, per_element
+
+
+def test_adaln_norm_kernel_compiles_without_spills():
+    """AdaLN's LayerNorm + modulation (triton_norm.py) at FLUX's width: a row per program, no spills, few
+    instructions per element (2 bytes read and 2 written each)."""
+    rows = _compiled_rows(
+        "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
+        "for arch in (90, 89, 80):\n"
+        "    print(arch, *ks.norm_kernel_usage(arch))\n")
+    assert [r[0] for r in rows] == ["90", "89", "80"]
+    for _, per_element, regs, spills in rows:
+        assert spills == "0" and int(regs) <= 128
+        assert float(per_element) <= 32, per_element

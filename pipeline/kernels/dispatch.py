@@ -56,16 +56,12 @@ def kernel_mode(device: torch.device, precision: str) -> str:
 
 def awq_kernel(device: torch.device, rows: int) -> bool:
     """AWQ W4A16 layers with few input rows (the modulation) use the Triton GEMV on CUDA 7.0+."""
-    return rows <= AWQ_MAX_ROWS and _plain_kernels_run_on(device)
+    return rows <= AWQ_MAX_ROWS and plain_kernels(device)
 
 
-def rope_kernel(device: torch.device) -> bool:
-    """Attention's q/k RMSNorm + RoPE + concatenation as one Triton kernel (triton_rope.py) on CUDA 7.0+."""
-    return _plain_kernels_run_on(device)
-
-
-def _plain_kernels_run_on(device: torch.device) -> bool:
-    """Kernels without tensor-core dots (the GEMV, the RoPE kernel) run on CUDA 7.0+ and in the interpreter."""
+def plain_kernels(device: torch.device) -> bool:
+    """Kernels without tensor-core dots run on CUDA 7.0+ and in the interpreter: the AWQ GEMV, attention's
+    q/k norm + RoPE (triton_rope.py), AdaLN's LayerNorm + modulation (triton_norm.py)."""
     if not _triton_runs_on(device):
         return False
     return device.type != "cuda" or capability(device) >= (7, 0)

@@ -106,3 +106,16 @@ def _(qs, ks, wqs, wks, cos, sin, eps, round_normed, paired):
     b, _, h, d = qs[0].shape
     shape = (b, sum(q.shape[1] for q in qs), h, d)
     return qs[0].new_empty(shape), qs[0].new_empty(shape)
+
+
+@torch.library.custom_op("svdq::adaln_modulate", mutates_args=())
+def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (B, S, N) -> LayerNorm(x)·(1 + scale) + shift in one pass (triton_norm.py); scale, shift (B, N)."""
+    from pipeline.kernels.triton_norm import adaln_modulate as kernel
+
+    return kernel(x, scale, shift, eps)
+
+
+@adaln_modulate.register_fake
+def _(x, scale, shift, eps):
+    return x.new_empty(x.shape)

@@ -64,9 +64,9 @@ def norm_args(norms: tuple, dtype: torch.dtype, head_dim: int) -> Optional[tuple
 
 
 def _runs_here(x: torch.Tensor) -> bool:
-    from pipeline.kernels.dispatch import rope_kernel
+    from pipeline.kernels.dispatch import plain_kernels
 
-    return rope_kernel(x.device)
+    return plain_kernels(x.device)
 
 
 class FusedRopeFluxAttnProcessor(FluxAttnProcessor):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.quantization.fused_mlp import install_fused_mlp
+from pipeline.quantization.fused_norm import install_fused_norm
 from pipeline.quantization.fused_qkv import install_fused_qkv
 from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
 from pipeline.quantization.quantizer import ActStats, LayerReport, awq_w4a16, relative_error, svdquant_linear
@@ -55,7 +56,8 @@ def modulation_fold(t: Target, n: int) -> torch.Tensor:
 
 def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) -> None:
     """Put `layer` where `t` says: whole where the attention runs q/k/v fused, else split its rows over
-    the parts; pair input halves. An MLP whose layers are both in place runs as a fused pair."""
+    the parts; pair input halves. An MLP whose layers are both in place runs as a fused pair; an AdaLN-Zero
+    whose modulation is in place runs its norm and modulation as one kernel."""
     if t.cols is not None:
         halves = pending.setdefault(t.parts[0], {})
         halves[t.cols[0]] = layer
@@ -69,6 +71,8 @@ def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) 
         set_module(transformer, t.parts[0], layer)
         if t.after_gelu:
             install_fused_mlp(transformer, t.parts[0])
+        if t.kind == "awq":  # the AdaLN modulation: its owner's norm + modulation become one kernel
+            install_fused_norm(transformer, t.parts[0])
         return
     if isinstance(layer, SVDQW4A4Linear) and install_fused_qkv(transformer, t.parts, layer):
         return
