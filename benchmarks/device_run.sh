@@ -24,7 +24,7 @@ status=0
 for part in "$@"; do
   case "$part" in
     tests) timeout -s INT -k 15 "${LIMIT_S:-570}" \
-             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rope_kernel.py tests/test_norm_kernel.py tests/test_numerics.py 2>&1 \
+             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rope_kernel.py tests/test_norm_kernel.py tests/test_gated_epilogue.py tests/test_numerics.py 2>&1 \
              | tee "$OUT/tests.txt" || status=1 ;;
     gemm|flux|qwen) timeout -s INT -k 15 "${LIMIT_S:-570}" \
              python3 benchmarks/gpu_bench.py --only "$part" --profile --out "$OUT/$part.json" \

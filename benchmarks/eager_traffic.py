@@ -171,7 +171,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--models", nargs="+", choices=["flux", "qwen-image"], default=["flux", "qwen-image"])
     ap.add_argument("--variants", nargs="+", default=["bf16", "int4_r32", "int4_r32_unfused-rope",
                                                       "int4_r32_unfused-mlp", "int4_r32_unfused-norm",
-                                                      "int4_r32_unfused"])
+                                                      "int4_r32_unfused-gate", "int4_r32_unfused"])
     ap.add_argument("--tiny", action="store_true", help="one block of each kind, small widths (the tests)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -294,7 +294,7 @@ def profile_forward(model, kw, device, top: int = 25) -> list[dict]:
     return rows
 
 
-FUSIONS = ("mlp", "rope", "norm")  # pipeline.quantization.fused_<module>: fused_mlp, fused_attention, fused_norm
+FUSIONS = ("mlp", "rope", "norm", "gate")  # pipeline.quantization: fused_mlp, fused_attention, fused_norm, fused_block
 ABLATIONS = {"unfused": set(FUSIONS), **{f"unfused-{f}": {f} for f in FUSIONS}}
 
 
@@ -304,7 +304,7 @@ def is_ablation(variant: str) -> bool:
 
 
 def int4_variant(variant: str) -> tuple[int, set[str]]:
-    """int4_r<rank>[_unfused | _unfused-mlp | _unfused-rope | _unfused-norm] -> (rank, the fusions turned off)."""
+    """int4_r<rank>[_unfused | _unfused-<fusion>] -> (rank, the fusions turned off)."""
     rank, _, ablation = variant.removeprefix("int4_r").partition("_")
     if not rank.isdigit() or (ablation and ablation not in ABLATIONS):
         raise SystemExit(f"unknown variant {variant!r}: int4_r<rank>, optionally _{' | _'.join(ABLATIONS)}")
@@ -314,9 +314,9 @@ def int4_variant(variant: str) -> tuple[int, set[str]]:
 @contextlib.contextmanager
 def fusions_off(names: set[str]):
     """Quantize with these fusions left out (each module's ENABLED, read when layers are installed)."""
-    from pipeline.quantization import fused_attention, fused_mlp, fused_norm
+    from pipeline.quantization import fused_attention, fused_block, fused_mlp, fused_norm
 
-    modules = {"mlp": fused_mlp, "rope": fused_attention, "norm": fused_norm}
+    modules = {"mlp": fused_mlp, "rope": fused_attention, "norm": fused_norm, "gate": fused_block}
     saved = {name: m.ENABLED for name, m in modules.items()}
     for name, m in modules.items():
         m.ENABLED = saved[name] and name not in names
@@ -583,10 +583,11 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--profile", action="store_true", help="top kernels of one BF16 and one INT4 forward")
     ap.add_argument("--variants", default="bf16,int4_r32,nf4,int4_r128,int4_r32_unfused-rope,int4_r32_unfused-mlp,"
-                                          "int4_r32_unfused-norm",
+                                          "int4_r32_unfused-norm,int4_r32_unfused-gate",
                     help="measured in this order (ablations last); int4_r<rank>_unfused-rope runs diffusers' q/k norm "
                          "+ RoPE, _unfused-mlp the MLPs without the fused GELU epilogue, _unfused-norm diffusers' "
-                         "AdaLN norm + modulation, _unfused none of the three fusions")
+                         "AdaLN norm + modulation, _unfused-gate the gated residual sums as separate ops, _unfused "
+                         "none of the fusions")
     ap.add_argument("--compile-variants", default="bf16,int4_r32",
                     help="variants also timed under torch.compile (each compile of a full model takes minutes)")
     ap.add_argument("--time-budget-s", type=float, default=None,

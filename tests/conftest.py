@@ -56,15 +56,25 @@ def write_manifest(tmp_path):
     return _write
 
 
-def kernels_then_reference(monkeypatch, transformer, model: str, module, name: str):
+def kernels_then_reference(monkeypatch, transformer, model: str, module, name: str, when=None):
     """A quantized tiny transformer's output with the Triton kernels (the interpreter on CPU), then with the
-    reference, counting the calls of `module.name` during the kernel run: (kernels, reference, calls)."""
+    reference, counting the calls of `module.name` during the kernel run (those whose bound arguments satisfy
+    `when`, if given): (kernels, reference, calls)."""
+    import inspect
+
     from test_checkpoint import transformer_inputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calls = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    signature = inspect.signature(real)
+
+    def counted(*a, **k):
+        if when is None or when(signature.bind(*a, **k).arguments):
+            calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, counted)
     if device.type == "cpu":
         monkeypatch.setenv("SVDQ_KERNELS", "triton")
     kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs(model).items()}
@@ -77,13 +87,13 @@ def kernels_then_reference(monkeypatch, transformer, model: str, module, name: s
     return out, ref, len(calls)
 
 
-def fusion_on_and_off(monkeypatch, model: str, fusion, module, name: str):
+def fusion_on_and_off(monkeypatch, model: str, fusion, module, name: str, when=None):
     """A quantized tiny transformer built with a fusion on, and one built with it off (`fusion.ENABLED`), each
     run as kernels_then_reference runs it: (the first transformer, its results, the second's results)."""
     from test_checkpoint import quantized_pipe
 
     on_model = quantized_pipe(model, "int4").transformer
-    on = kernels_then_reference(monkeypatch, on_model, model, module, name)
+    on = kernels_then_reference(monkeypatch, on_model, model, module, name, when)
     monkeypatch.setattr(fusion, "ENABLED", False)
-    off = kernels_then_reference(monkeypatch, quantized_pipe(model, "int4").transformer, model, module, name)
+    off = kernels_then_reference(monkeypatch, quantized_pipe(model, "int4").transformer, model, module, name, when)
     return on_model, on, off

@@ -150,3 +150,21 @@ def test_adaln_norm_kernel_compiles_without_spills():
     for _, per_element, regs, spills in rows:
         assert spills == "0" and int(regs) <= 128
         assert float(per_element) <= 32, per_element
+
+
+def test_gated_epilogue_leaves_the_k_loop_as_it_is():
+    """The GEMM whose epilogue computes residual + gate · y (fused_block.py) on Hopper and Ampere: the same K
+    loop as the plain GEMM, no spills."""
+    rows = _compiled_rows(
+        "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
+        "from pipeline.kernels import triton_w4a4 as kw\n"
+        "for arch, dot in [(90, 'fp8'), (80, 'int8')]:\n"
+        "    for gated in (False, True):\n"
+        "        ck = ks.compile_gemm(arch, dot, kw.GEMM_CONFIGS[1], kw.scale_mma_default(dot, arch, kw.torch.bfloat16,"
+        " kw.torch.bfloat16), kw.expand_weights_default(dot, arch), gated=gated)\n"
+        "        lines, labels = ks.sass(ck.asm['cubin'])\n"
+        "        print(arch, gated, sum(ks.loop_opcodes(lines, labels).values()), ks._ptxas_usage(ck.asm['ptx'], arch)[1])\n")
+    loops = {(r[0], r[1]): int(r[2]) for r in rows}
+    assert all(r[3] == "0" for r in rows)
+    for arch in ("90", "80"):
+        assert abs(loops[(arch, "True")] - loops[(arch, "False")]) <= 0.05 * loops[(arch, "False")], loops

@@ -11,8 +11,10 @@ import torch
 def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
                 proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor],
                 wtscale: Optional[torch.Tensor], wcscales: Optional[torch.Tensor], shift: float, unsigned: bool,
-                dot: str, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x (M, K) -> (M, N) in x's dtype [+ residual (M, N)]: an SVDQuant layer via the two Triton kernels.
+                dot: str, residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                gated_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype [+ residual (M, N)] [then gated_residual (M, N) + gate (B, N) · that]: an
+    SVDQuant layer via the two Triton kernels.
 
     dot "fp8" | "int8" runs INT4, "fp16" runs NVFP4 (emulated); see pipeline/kernels/dispatch.py.
     x may be a column slice of a wider tensor: it is read in place.
@@ -22,12 +24,12 @@ def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tens
     precision = "nvfp4" if dot == "fp16" else "int4"
     codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision, codes=act_code_format(dot))
     return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
-                     wcscales, residual)
+                     wcscales, residual, gate, gated_residual)
 
 
 @w4a4_linear.register_fake
 def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned, dot,
-      residual=None):
+      residual=None, gate=None, gated_residual=None):
     return x.new_empty(x.shape[0], packed_codes.shape[0])
 
 
@@ -61,17 +63,19 @@ def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, shift, unsigne
 @torch.library.custom_op("svdq::w4a4_gemm", mutates_args=())
 def w4a4_gemm(codes: torch.Tensor, scales: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor,
               low: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], unsigned: bool, dot: str,
-              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+              residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+              gated_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """An INT4 layer on an input quantized already (w4a4_gelu_quant's outputs) -> (M, N) in the scales' dtype
-    [+ residual]."""
+    [+ residual] [then gated_residual + gate · that]."""
     from pipeline.kernels.triton_w4a4 import w4a4_gemm as gemm
 
     return gemm(codes, scales.t(), packed_codes, wscales, low, proj_up, bias, scales.dtype, dot, unsigned,
-                residual=residual)
+                residual=residual, gate=gate, gated_residual=gated_residual)
 
 
 @w4a4_gemm.register_fake
-def _(codes, scales, packed_codes, wscales, low, proj_up, bias, unsigned, dot, residual=None):
+def _(codes, scales, packed_codes, wscales, low, proj_up, bias, unsigned, dot, residual=None, gate=None,
+      gated_residual=None):
     return codes.new_empty(codes.shape[0], packed_codes.shape[0], dtype=scales.dtype)
 
 

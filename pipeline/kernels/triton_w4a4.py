@@ -439,9 +439,10 @@ def _gemm_tile(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, 
 
 
 @triton.jit
-def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, res_ptr, out_ptr,
-                      M, N, K: tl.constexpr, R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr, HAS_RES: tl.constexpr, G: tl.constexpr,
+def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, res_ptr, gate_ptr,
+                      gres_ptr, out_ptr, M, N, tokens, stride_gate, K: tl.constexpr, R: tl.constexpr,
+                      DOT: tl.constexpr, SIGNED_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr,
+                      HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, G: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                       A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
                       ON_GPU: tl.constexpr):
@@ -454,7 +455,12 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
     out_offsets, out_ok = rows[:, None] * N + cols[None, :], (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_RES:  # another layer's output (M, N) added before the one rounding: saves a separate add
         acc += tl.load(res_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_GATE:  # AdaLN-Zero's `residual + gate * y` with diffusers' roundings: y, the product, the sum
+        gate = tl.load(gate_ptr + (rows // tokens)[:, None] * stride_gate + cols[None, :], mask=out_ok, other=0.0)
+        acc = (acc.to(dtype).to(tl.float32) * gate.to(tl.float32)).to(dtype).to(tl.float32)
+        acc += tl.load(gres_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_offsets, acc.to(dtype), mask=out_ok)
 
 
 _EX2_ASM = tl.constexpr("ex2.approx.ftz.f32 $0, $1;")
@@ -689,10 +695,11 @@ def _launch(kernel, autotuned, args, meta, m, n, device, block_m, block_n, inter
 
 
 def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
-              unsigned: bool = False, wtscale=None, wcscales=None, residual=None, *, block_m: Optional[int] = None,
-              block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
+              unsigned: bool = False, wtscale=None, wcscales=None, residual=None, gate=None, gated_residual=None, *,
+              block_m: Optional[int] = None, block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
               expand_weights: Optional[bool] = None):
-    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ [+ residual] -> (M, N).
+    """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ [+ residual] -> (M, N),
+    then [gated_residual + gate · that], each step rounded to out_dtype as diffusers' AdaLN-Zero blocks round.
 
     a_codes: packed (M, K/2) uint8, or one per byte (M, K) as quantize_act writes them for dot "fp8"
     (float8_e4m3fn) or "int8" (int8). w_codes: packed (N, K/2), or one per byte (N, K) as
@@ -700,18 +707,29 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
     float8_e4m3fn, wtscale a 0-d fp32 tensor). scale_mma: form s_a ⊗ s_w on the tensor cores or with
     FP32 multiplies (default: scale_mma_default). expand_weights: expand packed weight codes to one per
     byte first, into a scratch tensor (default: expand_weights_default). With block_m/block_n given,
-    or in the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS.
+    or in the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS. gate (B, N): one
+    row per image, the M rows being B images' tokens in order; gated_residual (M, N).
     """
     tensors, meta, m, n = _gemm_operands(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, dot, unsigned,
                                          wtscale, wcscales, scale_mma, expand_weights)
     out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
-    if residual is not None:
-        if tuple(residual.shape) != (m, n):
-            raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output ({m}, {n})")
-        residual = residual.contiguous()
-    args = (*tensors, residual if residual is not None else tensors[3], out, m, n)
-    _launch(_w4a4_gemm_kernel, _autotuned, args, dict(meta, HAS_RES=residual is not None), m, n, a_codes.device,
-            block_m, block_n)
+    for name, t in (("residual", residual), ("gated_residual", gated_residual)):
+        if t is not None and tuple(t.shape) != (m, n):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not match the output ({m}, {n})")
+    if (gate is None) != (gated_residual is None):
+        raise ValueError("gate and gated_residual go together: the output is gated_residual + gate · y")
+    tokens = 1
+    if gate is not None:
+        if gate.dim() != 2 or gate.shape[1] != n or m % gate.shape[0]:
+            raise ValueError(f"gate of shape {tuple(gate.shape)} is not one row of {n} per image of {m} tokens")
+        tokens = m // gate.shape[0]
+        gate, gated_residual = (gate if gate.stride(-1) == 1 else gate.contiguous()), gated_residual.contiguous()
+    dummy = tensors[3]
+    args = (*tensors, residual.contiguous() if residual is not None else dummy,
+            gate if gate is not None else dummy, gated_residual if gated_residual is not None else dummy, out, m, n,
+            tokens, gate.stride(0) if gate is not None else 0)
+    _launch(_w4a4_gemm_kernel, _autotuned, args, dict(meta, HAS_RES=residual is not None, HAS_GATE=gate is not None),
+            m, n, a_codes.device, block_m, block_n)
     return out
 
 

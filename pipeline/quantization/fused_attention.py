@@ -26,6 +26,8 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from torch import nn
 
+from pipeline.quantization.layers import gated, gated_linear
+
 ENABLED = os.environ.get("SVDQ_FUSED_ROPE", "1") != "0"
 
 
@@ -70,15 +72,23 @@ def _runs_here(x: torch.Tensor) -> bool:
 
 
 class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
-    """diffusers' FluxAttnProcessor with q/k norm + RoPE + the text/image concatenation in one kernel."""
+    """diffusers' FluxAttnProcessor with q/k norm + RoPE + the text/image concatenation in one kernel.
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    Given `gate` and `residual` (and `context_gate`, `context_residual` for the text stream), a double block's
+    outputs come back as residual + gate · to_out(attention), the gated sum in to_out's GEMM epilogue
+    (fused_block.py); without them, as diffusers returns them."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 gate=None, residual=None, context_gate=None, context_residual=None):
         joint = attn.added_kv_proj_dim is not None
         norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if joint else ())
         spec = norm_args(norms, hidden_states.dtype, attn.head_dim)
-        if (spec is None or image_rotary_emb is None or self._parallel_config is not None
+        if (spec is None or image_rotary_emb is None or self._parallel_config is not None or attn.training
                 or not _runs_here(hidden_states)):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+            if encoder_hidden_states is None:
+                return out
+            return gated(out[0], gate, residual), gated(out[1], context_gate, context_residual)
         from pipeline.kernels import ops
 
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -106,9 +116,10 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            # to_out[1] is dropout, the identity outside training: the gated sum goes in to_out[0]'s epilogue
+            hidden_states = gated_linear(attn.to_out[0], hidden_states.contiguous(), gate, residual)
+            encoder_hidden_states = gated_linear(attn.to_add_out, encoder_hidden_states.contiguous(), context_gate,
+                                                 context_residual)
             return hidden_states, encoder_hidden_states
         return hidden_states
 

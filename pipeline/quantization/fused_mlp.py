@@ -36,10 +36,10 @@ def _int4(layer: nn.Module) -> bool:
     return isinstance(layer, SVDQW4A4Linear) and layer.precision == "int4"
 
 
-def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear,
-             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding]; fc1 and fc2 are INT4 W4A4 layers
-    (install_fused_mlp swaps in the fused forwards only then)."""
+def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear, residual: Optional[torch.Tensor] = None,
+             gate: Optional[torch.Tensor] = None, gated_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding] [then gated_residual + gate · that, in
+    fc2's epilogue]; fc1 and fc2 are INT4 W4A4 layers (install_fused_mlp swaps in the fused forwards only then)."""
     from pipeline.kernels.dispatch import kernel_mode
 
     mode = kernel_mode(x.device, "int4")
@@ -51,25 +51,33 @@ def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear,
             x2, fc1.packed_codes, fc1.wscales, fc1.smooth, fc1.proj_down, fc1.proj_up, fc1.bias,
             float(fc1.act_shift), fc1.act_unsigned, fc2.smooth, fc2.proj_down, float(fc2.act_shift),
             fc2.act_unsigned, mode)
-        res = None if residual is None else residual.reshape(-1, fc2.out_features)
+        def rows(t):
+            return None if t is None else t.reshape(-1, fc2.out_features)
+
         y = ops.w4a4_gemm(codes, scales, fc2.packed_codes, fc2.wscales, low, fc2.proj_up, fc2.bias,
-                          fc2.act_unsigned, mode, res)
+                          fc2.act_unsigned, mode, rows(residual), gate, rows(gated_residual))
         return y.reshape(*x.shape[:-1], fc2.out_features)
-    return fc2(F.gelu(fc1(x), approximate="tanh"), residual=residual)
+    return fc2(F.gelu(fc1(x), approximate="tanh"), residual=residual, gate=gate, gated_residual=gated_residual)
 
 
 class FusedGeluFeedForward(FeedForward):
     """diffusers' FeedForward (GELU tanh, dropout) whose two linears run as one fused pair."""
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, gate: Optional[torch.Tensor] = None,
+                gated_residual: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """[gated_residual + gate · ] ff(hidden_states): the gated sum (AdaLN-Zero's) in fc2's epilogue."""
         if self.training:
-            return super().forward(hidden_states, *args, **kwargs)
-        return gelu_mlp(hidden_states, self.net[0].proj, self.net[2])
+            out = super().forward(hidden_states, *args, **kwargs)
+            return out if gate is None else gated_residual + gate.unsqueeze(1) * out
+        return gelu_mlp(hidden_states, self.net[0].proj, self.net[2], gate=gate, gated_residual=gated_residual)
 
 
 class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """FLUX's single block with its MLP run as a fused pair into proj_out's second half, which adds the
-    first half's output (the attention's) in its epilogue: no concatenation, no separate GELU."""
+    first half's output (the attention's) in its epilogue: no concatenation, no separate GELU. With
+    gate_in_epilogue, that epilogue also computes the gated residual sum."""
+
+    gate_in_epilogue = False
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
                 image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -81,9 +89,13 @@ class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
         norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
                                 **(joint_attention_kwargs or {}))
-        projected = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second,
-                             residual=self.proj_out.first(attn_output))
-        hidden_states = residual + gate.unsqueeze(1) * projected
+        first = self.proj_out.first(attn_output)
+        if self.gate_in_epilogue:  # residual + gate · proj_out(...) in proj_out's second GEMM (fused_block.py)
+            hidden_states = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second, residual=first,
+                                     gate=gate, gated_residual=residual)
+        else:
+            projected = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second, residual=first)
+            hidden_states = residual + gate.unsqueeze(1) * projected
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
@@ -124,6 +136,10 @@ def install_fused_mlp(transformer: nn.Module, path: str) -> bool:
     for up in (1, 2):  # FeedForward owns net.2; the single block owns proj_out
         owner = transformer.get_submodule(".".join(parts[:-up]))
         if _fusable(owner):
+            from pipeline.quantization import fused_block
+
             owner.__class__ = FUSED_CLASSES[type(owner)]
+            if type(owner) is FusedMLPFluxSingleTransformerBlock:
+                owner.gate_in_epilogue = fused_block.ENABLED
             return True
     return False

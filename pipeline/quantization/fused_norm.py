@@ -18,15 +18,18 @@ from torch import nn
 ENABLED = os.environ.get("SVDQ_FUSED_NORM", "1") != "0"
 
 
-def _modulate(norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
-    """norm(x)·(1 + scale) + shift, by the kernel where it runs; None where diffusers' ops must run."""
+def modulate(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+             use_kernel: bool = True) -> torch.Tensor:
+    """norm(x)·(1 + scale) + shift: one kernel where it runs (use_kernel, a LayerNorm without affine, 16-bit
+    or fp32 activations of one dtype), else diffusers' three ops."""
     from pipeline.kernels.dispatch import plain_kernels
 
-    if not plain_kernels(x.device) or x.dim() != 3 or scale.dtype != x.dtype:
-        return None
-    from pipeline.kernels import ops
+    if (use_kernel and type(norm) is nn.LayerNorm and not norm.elementwise_affine and x.dim() == 3
+            and scale.dtype == x.dtype and plain_kernels(x.device)):
+        from pipeline.kernels import ops
 
-    return ops.adaln_modulate(x, scale, shift, float(norm.eps))
+        return ops.adaln_modulate(x, scale, shift, float(norm.eps))
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
 class FusedAdaLayerNormZero(AdaLayerNormZero):
@@ -36,10 +39,7 @@ class FusedAdaLayerNormZero(AdaLayerNormZero):
         # diffusers' forward, with the last line's three passes as one
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-        out = _modulate(self.norm, x, scale_msa, shift_msa)
-        if out is None:
-            out = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        return out, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        return modulate(self.norm, x, scale_msa, shift_msa), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
 class FusedAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
@@ -48,10 +48,7 @@ class FusedAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
     def forward(self, x, emb=None):
         emb = self.linear(self.silu(emb))
         shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
-        out = _modulate(self.norm, x, scale_msa, shift_msa)
-        if out is None:
-            out = self.norm(x) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-        return out, gate_msa
+        return modulate(self.norm, x, scale_msa, shift_msa), gate_msa
 
 
 FUSED_CLASSES = {AdaLayerNormZero: FusedAdaLayerNormZero, AdaLayerNormZeroSingle: FusedAdaLayerNormZeroSingle}

@@ -57,20 +57,25 @@ class SVDQW4A4Linear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, {self.precision}, rank={self.rank}, "
                 f"unsigned={self.act_unsigned}, part={self.ckpt_name}[{self.rows[0]}:{self.rows[1]}]")
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """y = layer(x) [+ residual, added in fp32 before the one rounding to x's dtype]."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                gated_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = layer(x) [+ residual, added in fp32 before the one rounding to x's dtype], then, with gate (B, N)
+        for x (B, S, K), gated_residual + gate · y as AdaLN-Zero blocks compute it (fused_block.gated)."""
         from pipeline.kernels.dispatch import kernel_mode
 
         mode = kernel_mode(x.device, self.precision)
         if mode != "reference":
             from pipeline.kernels.ops import w4a4_linear
 
-            res = None if residual is None else residual.reshape(-1, self.out_features)
+            def rows(t):
+                return None if t is None else t.reshape(-1, self.out_features)
+
             y = w4a4_linear(x.reshape(-1, self.in_features), self.packed_codes, self.wscales, self.smooth,
                             self.proj_down, self.proj_up, self.bias, self.wtscale, self.wcscales,
-                            float(self.act_shift), self.act_unsigned, mode, res)
+                            float(self.act_shift), self.act_unsigned, mode, rows(residual), gate, rows(gated_residual))
             return y.reshape(*x.shape[:-1], self.out_features)
-        return self.reference_forward(x, residual)
+        y = self.reference_forward(x, residual)
+        return y if gate is None else gated_residual + gate.unsqueeze(1) * y
 
     def reference_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The oracle: exactly the kernels' arithmetic, in plain PyTorch (any device, compile-friendly)."""
@@ -161,3 +166,16 @@ class SplitInputLinear(nn.Module):
         if isinstance(self.second, SVDQW4A4Linear):
             return self.second(x[..., self.split :], residual=first)
         return first + self.second(x[..., self.split :])
+
+
+def gated(y: torch.Tensor, gate: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """AdaLN-Zero's gated residual sum, residual + gate · y (gate (B, N), y (B, S, N)), as diffusers computes it."""
+    return y if gate is None else residual + gate.unsqueeze(1) * y
+
+
+def gated_linear(layer: nn.Module, x: torch.Tensor, gate: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """residual + gate · layer(x): in the GEMM's epilogue for an SVDQuant layer, else diffusers' ops."""
+    if gate is not None and isinstance(layer, SVDQW4A4Linear):
+        return layer(x, gate=gate, gated_residual=residual)
+    return gated(layer(x), gate, residual)

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pipeline.quantization.fused_block import install_fused_block
 from pipeline.quantization.fused_mlp import install_fused_mlp
 from pipeline.quantization.fused_norm import install_fused_norm
 from pipeline.quantization.fused_qkv import install_fused_qkv
@@ -71,8 +72,9 @@ def install(transformer: nn.Module, t: Target, layer: nn.Module, pending: dict) 
         set_module(transformer, t.parts[0], layer)
         if t.after_gelu:
             install_fused_mlp(transformer, t.parts[0])
-        if t.kind == "awq":  # the AdaLN modulation: its owner's norm + modulation become one kernel
-            install_fused_norm(transformer, t.parts[0])
+        if t.kind == "awq":  # the AdaLN modulation: its norm + modulation become one kernel, its block's
+            install_fused_norm(transformer, t.parts[0])  # gated sums go into GEMM epilogues
+            install_fused_block(transformer, t.parts[0])
         return
     if isinstance(layer, SVDQW4A4Linear) and install_fused_qkv(transformer, t.parts, layer):
         return
