@@ -100,9 +100,9 @@ def test_gpu_benchmark_out_of_time_keeps_the_rows_it_measured_and_the_report_say
 
 def test_eager_traffic_counts_what_each_fusion_removes(tmp_path):
     """Meta-device forwards (no data) at toy sizes: the q/k kernel replaces the norm/RoPE/cat ops inside the
-    attention, the fused MLP removes the GELU pass and the single blocks' concatenation, the AdaLN kernel
-    two of FLUX's three passes per modulated norm, the gated epilogues FLUX's gate products and residual
-    sums (Qwen-Image has neither of the last two); attention stays."""
+    attention, the fused MLP removes the GELU pass and FLUX single blocks' concatenation, the AdaLN kernel
+    two of three passes per modulated norm, the gated epilogues the gate products and residual sums;
+    attention stays."""
     out = tmp_path / "traffic.json"
     r = subprocess.run([sys.executable, "benchmarks/eager_traffic.py", "--tiny", "--json", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
@@ -113,13 +113,13 @@ def test_eager_traffic_counts_what_each_fusion_removes(tmp_path):
         bf16, fused, none = (rows[(model, v)] for v in ("bf16", "int4_r32", "int4_r32_unfused"))
         no_rope, no_mlp, no_norm = (rows[(model, f"int4_r32_unfused-{f}")] for f in ("rope", "mlp", "norm"))
         assert (none["gb"][qk], none["gb"]["other"]) == (bf16["gb"][qk], bf16["gb"]["other"])
-        assert no_rope["gb"][qk] == bf16["gb"][qk] and fused["gb"][qk] < no_rope["gb"][qk] / 3
+        # (without the q/k kernel Qwen-Image's processor gates its outputs inside the attention module: counted there)
+        assert no_rope["gb"][qk] >= bf16["gb"][qk] and fused["gb"][qk] < bf16["gb"][qk] / 3
         assert fused["launches"][qk] < no_rope["launches"][qk] / 3
         assert no_rope["gb"]["other"] >= fused["gb"]["other"]  # FLUX: diffusers' processor takes no gates
         assert no_mlp["gb"]["other"] > fused["gb"]["other"]
         assert len({row["gb"]["attention"] for row in (bf16, fused, none, no_rope, no_mlp, no_norm)}) == 1
         assert fused["gb"]["GEMM"] < bf16["gb"]["GEMM"]  # 4-bit weights
-    for fusion in ("norm", "gate"):  # FLUX's AdaLN-Zero modules and blocks; Qwen-Image has neither
-        assert rows[("flux", f"int4_r32_unfused-{fusion}")]["gb"]["other"] > rows[("flux", "int4_r32")]["gb"]["other"]
-        assert rows[("qwen-image", f"int4_r32_unfused-{fusion}")]["gb"] == rows[("qwen-image", "int4_r32")]["gb"]
+        for fusion in ("norm", "gate"):
+            assert rows[(model, f"int4_r32_unfused-{fusion}")]["gb"]["other"] > fused["gb"]["other"]
     assert "q/k norm + RoPE GB" in r.stdout

@@ -52,18 +52,19 @@ def test_layer_gated_forward_matches_its_reference(monkeypatch):
     assert (got - ref).abs().max() / ref.abs().max() < 1e-4
 
 
-def test_flux_blocks_compute_every_gated_sum_in_a_gemm_epilogue_and_match_diffusers(monkeypatch):
-    """Per double block: to_out, to_add_out and both MLPs' fc2 (4); per single block: proj_out's second half.
-    The output matches diffusers' blocks on the same kernels; the reference is diffusers' ops bit for bit."""
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
+def test_blocks_compute_every_gated_sum_in_a_gemm_epilogue_and_match_diffusers(monkeypatch, model):
+    """Per double block: to_out, to_add_out and both MLPs' fc2 (4); per FLUX single block: proj_out's second
+    half. The output matches diffusers' blocks on the same kernels; the reference is diffusers' ops bit for bit."""
     from conftest import fusion_on_and_off
 
     from pipeline.kernels import triton_w4a4
     from pipeline.quantization import fused_block
-    from pipeline.quantization.fused_block import FusedFluxTransformerBlock
 
-    model, (fused, ref, calls), (plain, plain_ref, plain_calls) = fusion_on_and_off(
-        monkeypatch, "tiny-flux", fused_block, triton_w4a4, "w4a4_gemm", when=lambda a: a["gate"] is not None)
-    assert all(type(b) is FusedFluxTransformerBlock for b in model.transformer_blocks)
-    assert (calls, plain_calls) == (4 * len(model.transformer_blocks) + len(model.single_transformer_blocks), 0)
+    transformer, (fused, ref, calls), (plain, plain_ref, plain_calls) = fusion_on_and_off(
+        monkeypatch, model, fused_block, triton_w4a4, "w4a4_gemm", when=lambda a: a["gate"] is not None)
+    assert all(type(b) in fused_block.FUSED_BLOCKS.values() for b in transformer.transformer_blocks)
+    sums = 4 * len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+    assert (calls, plain_calls) == (sums, 0)
     assert torch.equal(ref, plain_ref)
     assert (fused.float() - plain.float()).abs().max() / plain.float().abs().max() < 1e-5

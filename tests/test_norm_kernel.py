@@ -80,17 +80,20 @@ def test_only_adaln_zero_with_a_plain_layernorm_is_fused():
     assert (type(holder.a), type(holder.b)) == (AdaLayerNormZero, AdaLayerNormZero)
 
 
-def test_quantized_flux_runs_every_adaln_zero_as_one_kernel_and_matches_diffusers(monkeypatch):
-    """FLUX's norm1 and norm1_context (double blocks) and norm (single blocks) once their modulation is AWQ,
-    and the double blocks' norm2 and norm2_context with theirs (fused_block.py): one kernel call each where
-    the kernels run, output as with diffusers' ops; the reference is unchanged bit for bit."""
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
+def test_quantized_blocks_run_every_modulated_norm_as_one_kernel_and_match_diffusers(monkeypatch, model):
+    """FLUX: norm1 and norm1_context (double blocks) and norm (single blocks) once their modulation is AWQ,
+    and the double blocks' norm2 and norm2_context with theirs (fused_block.py); Qwen-Image: each block's four
+    norms. One kernel call each where the kernels run, output as with diffusers' ops; the reference is
+    unchanged bit for bit."""
     from conftest import fusion_on_and_off
 
     from pipeline.kernels import triton_norm
     from pipeline.quantization import fused_norm
 
-    model, (fused, ref, calls), (plain, plain_ref, plain_calls) = fusion_on_and_off(
-        monkeypatch, "tiny-flux", fused_norm, triton_norm, "adaln_modulate")
-    assert (calls, plain_calls) == (4 * len(model.transformer_blocks) + len(model.single_transformer_blocks), 0)
+    transformer, (fused, ref, calls), (plain, plain_ref, plain_calls) = fusion_on_and_off(
+        monkeypatch, model, fused_norm, triton_norm, "adaln_modulate")
+    norms = 4 * len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
+    assert (calls, plain_calls) == (norms, 0)
     assert torch.equal(ref, plain_ref)
     assert (fused.float() - plain.float()).abs().max() / plain.float().abs().max() < 1e-5

@@ -126,10 +126,12 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
 
 def qwen_attention(processor: QwenDoubleStreamAttnProcessor2_0, attn, img: tuple, txt: tuple, hidden_states,
                    encoder_hidden_states, encoder_hidden_states_mask=None, attention_mask=None,
-                   image_rotary_emb=None):
+                   image_rotary_emb=None, gate=None, residual=None, context_gate=None, context_residual=None):
     """diffusers' Qwen-Image joint attention on projected q/k/v chunks (img, txt), with the q/k norms, RoPE and
-    concatenation in one kernel; None where the kernel does not cover the call (the caller runs diffusers')."""
-    if attention_mask is not None or image_rotary_emb is None or processor._parallel_config is not None:
+    concatenation in one kernel [and each stream's residual + gate · output in its projection's epilogue];
+    None where the kernel does not cover the call (the caller runs diffusers')."""
+    if (attention_mask is not None or image_rotary_emb is None or processor._parallel_config is not None
+            or attn.training):
         return None
     head_dim = attn.inner_dim // attn.heads
     norms = (attn.norm_added_q, attn.norm_added_k, attn.norm_q, attn.norm_k)
@@ -162,10 +164,9 @@ def qwen_attention(processor: QwenDoubleStreamAttnProcessor2_0, attn, img: tuple
     joint_hidden_states = joint_hidden_states.to(joint_query.dtype)
     txt_attn_output = joint_hidden_states[:, :seq_txt, :]
     img_attn_output = joint_hidden_states[:, seq_txt:, :]
-    img_attn_output = attn.to_out[0](img_attn_output.contiguous())
-    if len(attn.to_out) > 1:
-        img_attn_output = attn.to_out[1](img_attn_output)
-    txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
+    # to_out[1] is dropout, the identity outside training: the gated sums go in the projections' epilogues
+    img_attn_output = gated_linear(attn.to_out[0], img_attn_output.contiguous(), gate, residual)
+    txt_attn_output = gated_linear(attn.to_add_out, txt_attn_output.contiguous(), context_gate, context_residual)
     return img_attn_output, txt_attn_output
 
 

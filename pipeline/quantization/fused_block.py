@@ -1,13 +1,15 @@
-"""FLUX's double block with AdaLN-Zero's gated residual sums in the GEMM epilogues and its second norm fused.
+"""Double blocks (FLUX, Qwen-Image) with AdaLN-Zero's gated residual sums in the GEMM epilogues and their
+norms + modulation as one kernel.
 
-diffusers' FluxTransformerBlock adds each branch back as `hidden + gate · branch`: a product and a sum,
-two eager passes over the (tokens x dim) activations after the GEMM that wrote the branch. Here the
-branch's last GEMM (attention's to_out / to_add_out, the MLP's fc2) computes the gated sum in its
-epilogue with diffusers' roundings (the branch output, the product and the sum, each rounded). The block's
-second norm and its modulation run as one kernel where the first norm does (fused_norm.py). FLUX's single
-block gets the gated sum in proj_out's epilogue (fused_mlp.FusedMLPFluxSingleTransformerBlock).
+diffusers' blocks add each branch back as `hidden + gate · branch`: a product and a sum, two eager passes
+over the (tokens x dim) activations after the GEMM that wrote the branch. Here the branch's last GEMM
+(attention's to_out / to_add_out, the MLP's fc2) computes the gated sum in its epilogue with diffusers'
+roundings (the branch output, the product and the sum, each rounded). The norms the block modulates
+itself (FLUX's norm2 and norm2_context; all four of Qwen-Image's) run as one kernel each where the norm
+fusion is on (fused_norm.py). FLUX's single block gets the gated sum in proj_out's epilogue
+(fused_mlp.FusedMLPFluxSingleTransformerBlock).
 
-The module keeps diffusers' paths and weights; only its class becomes this subclass, whose forward is
+The modules keep diffusers' paths and weights; only a block's class becomes the subclass, whose forward is
 diffusers' (0.42) with those steps fused: a diffusers whose block forward takes other arguments keeps its
 own. Where the kernels don't run every step is diffusers' op, bit for bit. `SVDQ_FUSED_GATE=0` turns it off.
 """
@@ -20,9 +22,11 @@ from typing import Any, Optional
 
 import torch
 from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from torch import nn
 
 from pipeline.quantization.fused_attention import FusedRopeFluxAttnProcessor
+from pipeline.quantization.fused_qkv import FusedQKVQwenProcessor
 from pipeline.quantization.fused_mlp import FusedGeluFeedForward
 from pipeline.quantization.fused_norm import FusedAdaLayerNormZero, modulate
 from pipeline.quantization.layers import gated
@@ -79,14 +83,76 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
         return encoder_hidden_states, hidden_states
 
 
+class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
+    """diffusers' QwenImageTransformerBlock with its gated residual sums in the GEMMs' epilogues and, with
+    norm_kernel, each norm + modulation as one kernel. Edit models' per-token modulation (modulate_index)
+    and zero_cond_t run diffusers' forward."""
+
+    norm_kernel = False
+
+    def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb, image_rotary_emb=None,
+                joint_attention_kwargs=None, modulate_index=None):
+        if modulate_index is not None or self.zero_cond_t:
+            return super().forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                                   image_rotary_emb, joint_attention_kwargs, modulate_index)
+        # diffusers' QwenImageTransformerBlock.forward, each `x + gate * branch` computed where the branch ends
+        img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
+        txt_mod1, txt_mod2 = self.txt_mod(temb).chunk(2, dim=-1)
+        img_shift1, img_scale1, img_gate1 = img_mod1.chunk(3, dim=-1)
+        txt_shift1, txt_scale1, txt_gate1 = txt_mod1.chunk(3, dim=-1)
+        img_modulated = modulate(self.img_norm1, hidden_states, img_scale1, img_shift1, self.norm_kernel)
+        txt_modulated = modulate(self.txt_norm1, encoder_hidden_states, txt_scale1, txt_shift1, self.norm_kernel)
+        kwargs = dict(joint_attention_kwargs or {})
+        gate_in_attention = isinstance(self.attn.processor, FusedQKVQwenProcessor)
+        if gate_in_attention:
+            kwargs.update(gate=img_gate1, residual=hidden_states, context_gate=txt_gate1,
+                          context_residual=encoder_hidden_states)
+        img_attn_output, txt_attn_output = self.attn(hidden_states=img_modulated,
+                                                     encoder_hidden_states=txt_modulated,
+                                                     encoder_hidden_states_mask=encoder_hidden_states_mask,
+                                                     image_rotary_emb=image_rotary_emb, **kwargs)
+        if gate_in_attention:
+            hidden_states, encoder_hidden_states = img_attn_output, txt_attn_output
+        else:
+            hidden_states = gated(img_attn_output, img_gate1, hidden_states)
+            encoder_hidden_states = gated(txt_attn_output, txt_gate1, encoder_hidden_states)
+
+        img_shift2, img_scale2, img_gate2 = img_mod2.chunk(3, dim=-1)
+        img_modulated2 = modulate(self.img_norm2, hidden_states, img_scale2, img_shift2, self.norm_kernel)
+        hidden_states = _gated_ff(self.img_mlp, img_modulated2, img_gate2, hidden_states)
+        txt_shift2, txt_scale2, txt_gate2 = txt_mod2.chunk(3, dim=-1)
+        txt_modulated2 = modulate(self.txt_norm2, encoder_hidden_states, txt_scale2, txt_shift2, self.norm_kernel)
+        encoder_hidden_states = _gated_ff(self.txt_mlp, txt_modulated2, txt_gate2, encoder_hidden_states)
+
+        if encoder_hidden_states.dtype == torch.float16:
+            encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return encoder_hidden_states, hidden_states
+
+
+_QWEN_BLOCK_ARGS = ("self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb",
+                    "image_rotary_emb", "joint_attention_kwargs", "modulate_index")
+FUSED_BLOCKS = {}
+if _BLOCK_MATCHES:
+    FUSED_BLOCKS[FluxTransformerBlock] = FusedFluxTransformerBlock
+if tuple(inspect.signature(QwenImageTransformerBlock.forward).parameters) == _QWEN_BLOCK_ARGS:
+    FUSED_BLOCKS[QwenImageTransformerBlock] = FusedQwenImageTransformerBlock
+
+
 def install_fused_block(transformer: nn.Module, path: str) -> bool:
-    """Once a FLUX double block's modulation linear (`path`, e.g. transformer_blocks.3.norm1.linear) is in place,
-    swap the block for the fused subclass; False for anything else."""
+    """Once a double block's modulation linear (`path`: FLUX's transformer_blocks.3.norm1.linear, Qwen-Image's
+    transformer_blocks.3.img_mod.1) is in place, swap the block for its fused subclass; False otherwise."""
+    from pipeline.quantization import fused_norm
+
     parts = path.split(".")
-    if not (ENABLED and _BLOCK_MATCHES and len(parts) > 2):
+    if not ENABLED or len(parts) <= 2:
         return False
     owner = transformer.get_submodule(".".join(parts[:-2]))
-    if type(owner) is not FluxTransformerBlock:
+    fused = FUSED_BLOCKS.get(type(owner))
+    if fused is None:
         return False
-    owner.__class__ = FusedFluxTransformerBlock
+    owner.__class__ = fused
+    if fused is FusedQwenImageTransformerBlock:
+        owner.norm_kernel = fused_norm.ENABLED
     return True

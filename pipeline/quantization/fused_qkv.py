@@ -15,6 +15,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 from torch import nn
 
 from pipeline.quantization import fused_attention
+from pipeline.quantization.layers import gated
 
 FUSED_NAMES = {("to_q", "to_k", "to_v"): "to_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv"}
 
@@ -95,13 +96,17 @@ class FusedQKVQwenProcessor(QwenDoubleStreamAttnProcessor2_0):
         self.fused_rope = fused_rope
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
+                 attention_mask=None, image_rotary_emb=None, gate=None, residual=None, context_gate=None,
+                 context_residual=None):
+        """(image, text) outputs; given gates and residuals (fused_block.py), residual + gate · each."""
         img = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         txt = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
         if self.fused_rope:
             out = fused_attention.qwen_attention(self, attn, img, txt, hidden_states, encoder_hidden_states,
-                                                 encoder_hidden_states_mask, attention_mask, image_rotary_emb)
+                                                 encoder_hidden_states_mask, attention_mask, image_rotary_emb,
+                                                 gate, residual, context_gate, context_residual)
             if out is not None:
                 return out
-        return super().__call__(_Projected(attn, img, txt), hidden_states, encoder_hidden_states,
-                                encoder_hidden_states_mask, attention_mask, image_rotary_emb)
+        img_out, txt_out = super().__call__(_Projected(attn, img, txt), hidden_states, encoder_hidden_states,
+                                            encoder_hidden_states_mask, attention_mask, image_rotary_emb)
+        return gated(img_out, gate, residual), gated(txt_out, context_gate, context_residual)
