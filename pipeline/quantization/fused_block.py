@@ -68,14 +68,14 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
             hidden_states = gated(attention_outputs[0], gate_msa, hidden_states)
             encoder_hidden_states = gated(attention_outputs[1], c_gate_msa, encoder_hidden_states)
 
-        fused_norm = isinstance(self.norm1, FusedAdaLayerNormZero)  # the norm fusion is on for this block
-        norm_hidden_states = modulate(self.norm2, hidden_states, scale_mlp, shift_mlp, fused_norm)
+        norm_kernel = isinstance(self.norm1, FusedAdaLayerNormZero)  # the norm fusion is on for this block
+        norm_hidden_states = modulate(self.norm2, hidden_states, scale_mlp, shift_mlp, norm_kernel)
         hidden_states = _gated_ff(self.ff, norm_hidden_states, gate_mlp, hidden_states)
         if ip_attn_output is not None:
             hidden_states = hidden_states + ip_attn_output
 
         norm_encoder_hidden_states = modulate(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp,
-                                              fused_norm)
+                                              norm_kernel)
         encoder_hidden_states = _gated_ff(self.ff_context, norm_encoder_hidden_states, c_gate_mlp,
                                           encoder_hidden_states)
         if encoder_hidden_states.dtype == torch.float16:
