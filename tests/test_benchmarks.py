@@ -123,3 +123,15 @@ def test_eager_traffic_counts_what_each_fusion_removes(tmp_path):
         for fusion in ("norm", "gate"):
             assert rows[(model, f"int4_r32_unfused-{fusion}")]["gb"]["other"] > fused["gb"]["other"]
     assert "q/k norm + RoPE GB" in r.stdout
+
+
+def test_targets_use_the_first_measurement_of_a_variant_measured_twice_in_merged_parts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_bench import targets
+
+    def row(variant, ms):
+        return {"model": "flux", "variant": variant, "mode": "eager", "ms_per_forward": ms, "weight_bytes": 1}
+
+    rows = [row("bf16", 100.0), row("int4_r32", 70.0), row("int4_r32_unfused-rope", 90.0), row("int4_r32", 80.0)]
+    found = {t["target"]: t["value"] for t in targets([], rows)}
+    assert found == {"flux int4_r32 eager forward <= 0.75x BF16 eager": 0.7, "flux int4_r32 weights <= 1/3.5 of BF16": 1.0}
