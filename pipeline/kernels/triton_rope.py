@@ -3,7 +3,7 @@ concatenation in one pass.
 
 diffusers runs these as separate PyTorch ops: the norm, then RoPE as `x.float()`, a negation, a stack,
 two fp32 multiplies, an add and a cast back, then `torch.cat` of the text and image streams. In eager
-mode that is about 85 GB of memory traffic per FLUX.1-dev forward at 1024² (benchmarks/eager_traffic.py),
+mode that is about 94 GB of memory traffic per FLUX.1-dev forward at 1024² (benchmarks/eager_traffic.py),
 more than every GEMM's. Here each q/k element is read once and written once, into the joint
 (B, S_text + S_image, H, D) tensor the attention reads.
 

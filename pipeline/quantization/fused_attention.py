@@ -2,11 +2,12 @@
 
 diffusers' FLUX and Qwen-Image processors run the per-head RMSNorm, then RoPE as about eight fp32
 elementwise ops, then `torch.cat` of the two streams, each a separate pass over q and k. In eager mode
-that is about 85 GB of memory traffic per FLUX.1-dev forward at 1024², more than all the GEMMs move
+that is about 94 GB of memory traffic per FLUX.1-dev forward at 1024², more than all the GEMMs move
 (benchmarks/eager_traffic.py). The processors here are diffusers' own with that middle part replaced by
 `svdq::qk_norm_rope` (pipeline/kernels/triton_rope.py), where the Triton kernels run. Elsewhere (the CPU
 reference), or for anything the kernel does not cover (other norms, no rotary embedding, context
-parallelism), they call diffusers' code unchanged.
+parallelism, training), they call diffusers' code unchanged. Given a double block's gates and residuals
+(fused_block.py), they return residual + gate · output, computed in the output projections' epilogues.
 
 They are installed with the fused q/k/v layers (fused_qkv.py); `SVDQ_FUSED_ROPE=0` keeps diffusers'
 attention for a run. The code after the attention is diffusers' (0.42); a diffusers whose processor takes
