@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_bench import FLUX_DEV, QWEN_IMAGE, fusions_off, int4_variant  # noqa: E402
+from gpu_bench import FLUX_DEV, QWEN_IMAGE, fusions_off, install_targets_, int4_variant  # noqa: E402
 
 ANCHOR_OTHER_MS = 0.42 * 182.0  # BF16 FLUX.1-dev eager on an H100: the time outside GEMMs and attention
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_scaled_mm", "svdq::w4a4_linear",
@@ -103,8 +103,6 @@ def build(family: str, config: dict, variant: str):
 
     from pipeline.quantization.layers import AWQW4A16Linear, SVDQW4A4Linear
     from pipeline.quantization.numerics import GELU_SHIFT
-    from pipeline.quantization.targets import targets_for
-    from pipeline.quantization.transform import get_module, install
 
     cls = FluxTransformer2DModel if family == "flux" else QwenImageTransformer2DModel
     with torch.device("meta"):
@@ -112,21 +110,18 @@ def build(family: str, config: dict, variant: str):
     if variant == "bf16":
         return model
     rank, off = int4_variant(variant)
+
+    def svdq(n, k, after_gelu):
+        return SVDQW4A4Linear(precision="int4", qweight=_meta(n, k, dtype=torch.int8), wscales=_meta(n, k // 64),
+                              smooth=_meta(k), proj_down=_meta(k, rank), proj_up=_meta(n, rank), bias=_meta(n),
+                              act_unsigned=after_gelu, act_shift=GELU_SHIFT if after_gelu else 0.0)
+
+    def awq(n, k):
+        return AWQW4A16Linear(qweight=_meta(n, k, dtype=torch.uint8), wscales=_meta(n, k // 64),
+                              wzeros=_meta(n, k // 64), bias=_meta(n, dtype=torch.float32))
+
     with fusions_off(off):
-        pending: dict = {}
-        for t in targets_for(model):
-            mods = [get_module(model, p) for p in t.parts]
-            n = sum(m.out_features for m in mods)
-            k = (t.cols[1] - t.cols[0]) if t.cols else mods[0].in_features
-            if t.kind == "awq":
-                layer = AWQW4A16Linear(qweight=_meta(n, k, dtype=torch.uint8), wscales=_meta(n, k // 64),
-                                       wzeros=_meta(n, k // 64), bias=_meta(n, dtype=torch.float32))
-            else:
-                layer = SVDQW4A4Linear(precision="int4", qweight=_meta(n, k, dtype=torch.int8),
-                                       wscales=_meta(n, k // 64), smooth=_meta(k), proj_down=_meta(k, rank),
-                                       proj_up=_meta(n, rank), bias=_meta(n), act_unsigned=t.after_gelu,
-                                       act_shift=GELU_SHIFT if t.after_gelu else 0.0)
-            install(model, t, layer, pending)
+        install_targets_(model, svdq, awq)
     return model
 
 

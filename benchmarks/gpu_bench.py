@@ -226,8 +226,10 @@ def random_awq(n: int, k: int, device, dtype):
                           bias=torch.zeros(n, device=device))
 
 
-def quantize_random_(model, rank: int, device, dtype) -> int:
-    """Every target as the quantizer would leave it (W4A4 layers, AWQ modulation), with random values."""
+def install_targets_(model, svdq: Callable[[int, int, bool], torch.nn.Module],
+                     awq: Callable[[int, int], torch.nn.Module]) -> int:
+    """Every quantization target installed as the quantizer would leave it: svdq(N, K, after_gelu) for the W4A4
+    layers, awq(N, K) for the modulation; how many targets."""
     from pipeline.quantization.targets import targets_for
     from pipeline.quantization.transform import get_module, install
 
@@ -237,9 +239,14 @@ def quantize_random_(model, rank: int, device, dtype) -> int:
         mods = [get_module(model, p) for p in t.parts]
         n = sum(m.out_features for m in mods)
         k = (t.cols[1] - t.cols[0]) if t.cols else mods[0].in_features
-        layer = random_awq(n, k, device, dtype) if t.kind == "awq" else random_svdq(n, k, rank, t.after_gelu, device, dtype)
-        install(model, t, layer, pending)
+        install(model, t, awq(n, k) if t.kind == "awq" else svdq(n, k, t.after_gelu), pending)
     return len(targets)
+
+
+def quantize_random_(model, rank: int, device, dtype) -> int:
+    """Every target as the quantizer would leave it (W4A4 layers, AWQ modulation), with random values."""
+    return install_targets_(model, lambda n, k, unsigned: random_svdq(n, k, rank, unsigned, device, dtype),
+                            lambda n, k: random_awq(n, k, device, dtype))
 
 
 def nf4_(model, dtype) -> int:
@@ -298,17 +305,17 @@ FUSIONS = ("mlp", "rope", "norm", "gate")  # pipeline.quantization: fused_mlp, f
 ABLATIONS = {"unfused": set(FUSIONS), **{f"unfused-{f}": {f} for f in FUSIONS}}
 
 
-def is_ablation(variant: str) -> bool:
-    """int4_r<rank>_<ablation>: fusions turned off, to measure what they save (a table row, not a target)."""
-    return variant.partition("_")[2].partition("_")[2] in ABLATIONS
-
-
 def int4_variant(variant: str) -> tuple[int, set[str]]:
     """int4_r<rank>[_unfused | _unfused-<fusion>] -> (rank, the fusions turned off)."""
     rank, _, ablation = variant.removeprefix("int4_r").partition("_")
     if not rank.isdigit() or (ablation and ablation not in ABLATIONS):
         raise SystemExit(f"unknown variant {variant!r}: int4_r<rank>, optionally _{' | _'.join(ABLATIONS)}")
     return int(rank), ABLATIONS.get(ablation, set())
+
+
+def is_ablation(variant: str) -> bool:
+    """int4_r<rank>_<ablation>: fusions turned off, to measure what they save (a table row, not a target)."""
+    return variant.startswith("int4_r") and bool(int4_variant(variant)[1])
 
 
 @contextlib.contextmanager

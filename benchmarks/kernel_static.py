@@ -104,13 +104,27 @@ def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, ex
                      CODES=kw.CODE_FORMATS[codes][0])
     else:
         const.update(HAS_RES=False, HAS_GATE=gated)
-    signature = {**{name: types[name] for name, _ in arg_list}, **{name: "constexpr" for name in const}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(arg_list)
-             if name not in ("M", "nshift", "tokens")}
+    args = [(name, types[name]) for name, _ in arg_list]
+    aligned = tuple(name for name, _ in arg_list if name not in ("M", "nshift", "tokens"))
     fn = kw._w4a4_gemm_gelu_quant_kernel if gelu_quant else kw._w4a4_gemm_kernel
+    return _compile(fn, arch, args, const, aligned, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _compile(fn, arch: int, args: list, const: dict, aligned: tuple = (), **options):
+    """fn compiled for sm_<arch> with its arguments typed and specialised as the JIT would specialise a launch:
+    pointers, and the integers named in `aligned`, divisible by 16; `const` as constexprs."""
+    signature = {**dict(args), **{name: "constexpr" for name in const}}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*") or name in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _usage(ck, arch: int, threads: int, elements: int) -> tuple[float, int, int]:
+    """(SASS instructions per element, one thread's view, registers, spill bytes) of a compiled kernel whose
+    program of `threads` threads handles `elements` elements."""
+    lines, _ = sass(ck.asm["cubin"])
+    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
+    return len(lines) * threads / elements, regs, spills
 
 
 def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
@@ -119,21 +133,15 @@ def compile_quantize(arch: int, codes: str, k: int = 3072, rank: int = 32):
             ("scales_ptr", "*bf16"), ("low_ptr", "*fp32"), ("M", "i32"), ("stride_xm", "i32"), ("shift", "fp32")]
     const = dict(K=k, R=rank, HAS_SHIFT=False, UNSIGNED=False, FP4=False, G=kw.INT4_GROUP, CODES=kw.CODE_FORMATS[codes][0],
                  BLOCK_M=32, BLOCK_R=kw._pow2(rank), ON_GPU=True)
-    signature = {**dict(args), **{name: "constexpr" for name in const}}
-    # pointers and the row stride (a multiple of 16 elements: K, or a wider tensor's width) as the JIT specialises them
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*") or name == "stride_xm"}
-    src = ASTSource(fn=kw._quantize_act_kernel, signature=signature, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
+    # the row stride: a multiple of 16 elements (K, or a wider tensor's width)
+    return _compile(kw._quantize_act_kernel, arch, args, const, ("stride_xm",), num_warps=4, num_stages=2)
 
 
 def compile_expand(arch: int, dot: str, k: int = 3072):
     """The weight expansion (packed INT4 -> one code per byte of the dot's type) compiled for sm_<arch>."""
     args = [("w_ptr", "*u8"), ("out_ptr", _CODE_POINTER[dot]), ("N", "i32")]
     const = dict(K=k, DOT=kw.DOTS[dot], BLOCK_N=64, BLOCK_K=128, ON_GPU=True)
-    signature = {**dict(args), **{name: "constexpr" for name in const}}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args) if t.startswith("*")}
-    src = ASTSource(fn=kw._expand_weights_kernel, signature=signature, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=2))
+    return _compile(kw._expand_weights_kernel, arch, args, const, num_warps=4, num_stages=2)
 
 
 _ROPE_ARGS = [("q_ptr", "*bf16"), ("k_ptr", "*bf16"), ("stride_b", "i64"), ("stride_s", "i32"), ("wq_ptr", "*bf16"),
@@ -152,16 +160,9 @@ def rope_kernel_usage(arch: int, paired: bool, heads: int = 24, head_dim: int = 
     const = dict(D=head_dim, BLOCK_H=block_h, HAS_W=True, ROUND_NORMED=paired, PAIRED=paired)
     if not paired:
         const["tab_stride_j"] = 1  # FLUX's (S, D) tables: the JIT specialises a stride of 1
-    signature = {**dict(_ROPE_ARGS), **{name: "constexpr" for name in const}}
-    # as the JIT specialises a launch: pointers and the row/batch strides (multiples of H·D) divisible by 16
-    strides = ("stride_b", "stride_s", "tab_stride_s", "out_stride_b", "out_stride_s")
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(_ROPE_ARGS)
-             if t.startswith("*") or name in strides}
-    src = ASTSource(fn=triton_rope._qk_norm_rope_kernel, signature=signature, constexprs=const, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=triton_rope.NUM_WARPS))
-    lines, _ = sass(ck.asm["cubin"])
-    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
-    return len(lines) * 32 * triton_rope.NUM_WARPS / (block_h * head_dim), regs, spills
+    strides = ("stride_b", "stride_s", "tab_stride_s", "out_stride_b", "out_stride_s")  # multiples of H·D
+    ck = _compile(triton_rope._qk_norm_rope_kernel, arch, _ROPE_ARGS, const, strides, num_warps=triton_rope.NUM_WARPS)
+    return _usage(ck, arch, 32 * triton_rope.NUM_WARPS, block_h * head_dim)
 
 
 def norm_kernel_usage(arch: int, dim: int = 3072) -> tuple[float, int, int]:
@@ -172,15 +173,9 @@ def norm_kernel_usage(arch: int, dim: int = 3072) -> tuple[float, int, int]:
     args = [("x_ptr", "*bf16"), ("scale_ptr", "*bf16"), ("shift_ptr", "*bf16"), ("out_ptr", "*bf16"), ("S", "i32"),
             ("N", "i32"), ("stride_xb", "i64"), ("stride_xs", "i32"), ("stride_mod", "i32"), ("eps", "fp32")]
     block, warps = triton_norm.launch_shape(dim)
-    signature = {**dict(args), "BLOCK": "constexpr"}
-    # as the JIT specialises a launch at FLUX's width: pointers, N and the strides multiples of 16
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(args)
-             if t.startswith("*") or name in ("N", "stride_xb", "stride_xs", "stride_mod")}
-    src = ASTSource(fn=triton_norm._adaln_kernel, signature=signature, constexprs=dict(BLOCK=block), attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
-    lines, _ = sass(ck.asm["cubin"])
-    regs, spills = _ptxas_usage(ck.asm["ptx"], arch)
-    return len(lines) * 32 * warps / dim, regs, spills
+    aligned = ("N", "stride_xb", "stride_xs", "stride_mod")  # at FLUX's width, multiples of 16
+    ck = _compile(triton_norm._adaln_kernel, arch, args, dict(BLOCK=block), aligned, num_warps=warps)
+    return _usage(ck, arch, 32 * warps, dim)
 
 
 def quantize_instructions(arch: int, codes: str) -> tuple[float, collections.Counter]:

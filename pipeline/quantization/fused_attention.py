@@ -16,7 +16,6 @@ other arguments keeps its own.
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Optional
 
@@ -27,20 +26,17 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 from torch import nn
 
+from pipeline.quantization.diffusers_compat import same_parameters
 from pipeline.quantization.layers import gated, gated_linear
 
 ENABLED = os.environ.get("SVDQ_FUSED_ROPE", "1") != "0"
 
 
-def _args(fn) -> tuple[str, ...]:
-    return tuple(inspect.signature(fn).parameters)
-
-
-FLUX_MATCHES = _args(FluxAttnProcessor.__call__) == (
-    "self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
-QWEN_MATCHES = _args(QwenDoubleStreamAttnProcessor2_0.__call__) == (
-    "self", "attn", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "attention_mask",
-    "image_rotary_emb")
+FLUX_MATCHES = same_parameters(FluxAttnProcessor.__call__, "self", "attn", "hidden_states", "encoder_hidden_states",
+                               "attention_mask", "image_rotary_emb")
+QWEN_MATCHES = same_parameters(QwenDoubleStreamAttnProcessor2_0.__call__, "self", "attn", "hidden_states",
+                               "encoder_hidden_states", "encoder_hidden_states_mask", "attention_mask",
+                               "image_rotary_emb")
 
 
 def norm_args(norms: tuple, dtype: torch.dtype, head_dim: int) -> Optional[tuple[float, bool]]:

@@ -16,7 +16,6 @@ own. Where the kernels don't run every step is diffusers' op, bit for bit. `SVDQ
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Optional
 
@@ -25,23 +24,13 @@ from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from torch import nn
 
+from pipeline.quantization.diffusers_compat import same_parameters
 from pipeline.quantization.fused_attention import FusedRopeFluxAttnProcessor
-from pipeline.quantization.fused_qkv import FusedQKVQwenProcessor
-from pipeline.quantization.fused_mlp import FusedGeluFeedForward
 from pipeline.quantization.fused_norm import FusedAdaLayerNormZero, modulate
-from pipeline.quantization.layers import gated
+from pipeline.quantization.fused_qkv import FusedQKVQwenProcessor
+from pipeline.quantization.layers import gated, gated_linear
 
 ENABLED = os.environ.get("SVDQ_FUSED_GATE", "1") != "0"
-
-_BLOCK_ARGS = ("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
-_BLOCK_MATCHES = tuple(inspect.signature(FluxTransformerBlock.forward).parameters) == _BLOCK_ARGS
-
-
-def _gated_ff(ff: nn.Module, x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    if isinstance(ff, FusedGeluFeedForward):
-        return ff(x, gate=gate, gated_residual=residual)
-    return gated(ff(x), gate, residual)
-
 
 class FusedFluxTransformerBlock(FluxTransformerBlock):
     """diffusers' FluxTransformerBlock with its gated residual sums in the GEMMs' epilogues."""
@@ -70,13 +59,13 @@ class FusedFluxTransformerBlock(FluxTransformerBlock):
 
         norm_kernel = isinstance(self.norm1, FusedAdaLayerNormZero)  # the norm fusion is on for this block
         norm_hidden_states = modulate(self.norm2, hidden_states, scale_mlp, shift_mlp, norm_kernel)
-        hidden_states = _gated_ff(self.ff, norm_hidden_states, gate_mlp, hidden_states)
+        hidden_states = gated_linear(self.ff, norm_hidden_states, gate_mlp, hidden_states)
         if ip_attn_output is not None:
             hidden_states = hidden_states + ip_attn_output
 
         norm_encoder_hidden_states = modulate(self.norm2_context, encoder_hidden_states, c_scale_mlp, c_shift_mlp,
                                               norm_kernel)
-        encoder_hidden_states = _gated_ff(self.ff_context, norm_encoder_hidden_states, c_gate_mlp,
+        encoder_hidden_states = gated_linear(self.ff_context, norm_encoder_hidden_states, c_gate_mlp,
                                           encoder_hidden_states)
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
@@ -119,10 +108,10 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
 
         img_shift2, img_scale2, img_gate2 = img_mod2.chunk(3, dim=-1)
         img_modulated2 = modulate(self.img_norm2, hidden_states, img_scale2, img_shift2, self.norm_kernel)
-        hidden_states = _gated_ff(self.img_mlp, img_modulated2, img_gate2, hidden_states)
+        hidden_states = gated_linear(self.img_mlp, img_modulated2, img_gate2, hidden_states)
         txt_shift2, txt_scale2, txt_gate2 = txt_mod2.chunk(3, dim=-1)
         txt_modulated2 = modulate(self.txt_norm2, encoder_hidden_states, txt_scale2, txt_shift2, self.norm_kernel)
-        encoder_hidden_states = _gated_ff(self.txt_mlp, txt_modulated2, txt_gate2, encoder_hidden_states)
+        encoder_hidden_states = gated_linear(self.txt_mlp, txt_modulated2, txt_gate2, encoder_hidden_states)
 
         if encoder_hidden_states.dtype == torch.float16:
             encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
@@ -131,12 +120,12 @@ class FusedQwenImageTransformerBlock(QwenImageTransformerBlock):
         return encoder_hidden_states, hidden_states
 
 
-_QWEN_BLOCK_ARGS = ("self", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb",
-                    "image_rotary_emb", "joint_attention_kwargs", "modulate_index")
 FUSED_BLOCKS = {}
-if _BLOCK_MATCHES:
+if same_parameters(FluxTransformerBlock.forward, "self", "hidden_states", "encoder_hidden_states", "temb",
+                   "image_rotary_emb", "joint_attention_kwargs"):
     FUSED_BLOCKS[FluxTransformerBlock] = FusedFluxTransformerBlock
-if tuple(inspect.signature(QwenImageTransformerBlock.forward).parameters) == _QWEN_BLOCK_ARGS:
+if same_parameters(QwenImageTransformerBlock.forward, "self", "hidden_states", "encoder_hidden_states",
+                   "encoder_hidden_states_mask", "temb", "image_rotary_emb", "joint_attention_kwargs", "modulate_index"):
     FUSED_BLOCKS[QwenImageTransformerBlock] = FusedQwenImageTransformerBlock
 
 

@@ -15,7 +15,6 @@ exactly as before.
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Optional
 
@@ -26,7 +25,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import nn
 
-from pipeline.quantization.layers import SplitInputLinear, SVDQW4A4Linear
+from pipeline.quantization.diffusers_compat import same_parameters
+from pipeline.quantization.layers import SplitInputLinear, SVDQW4A4Linear, gated
 
 # Swap in the fused forwards at all? Tests compare both; SVDQ_FUSED_MLP=0 turns it off for a run.
 ENABLED = os.environ.get("SVDQ_FUSED_MLP", "1") != "0"
@@ -63,12 +63,14 @@ def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear, residual
 class FusedGeluFeedForward(FeedForward):
     """diffusers' FeedForward (GELU tanh, dropout) whose two linears run as one fused pair."""
 
+    takes_gate = True  # layers.gated_linear hands it the gated sum
+
     def forward(self, hidden_states: torch.Tensor, *args, gate: Optional[torch.Tensor] = None,
                 gated_residual: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """[gated_residual + gate · ] ff(hidden_states): the gated sum (AdaLN-Zero's) in fc2's epilogue."""
         if self.training:
             out = super().forward(hidden_states, *args, **kwargs)
-            return out if gate is None else gated_residual + gate.unsqueeze(1) * out
+            return gated(out, gate, gated_residual)
         return gelu_mlp(hidden_states, self.net[0].proj, self.net[2], gate=gate, gated_residual=gated_residual)
 
 
@@ -95,7 +97,7 @@ class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
                                      gate=gate, gated_residual=residual)
         else:
             projected = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second, residual=first)
-            hidden_states = residual + gate.unsqueeze(1) * projected
+            hidden_states = gated(projected, gate, residual)
         if hidden_states.dtype == torch.float16:
             hidden_states = hidden_states.clip(-65504, 65504)
         return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
@@ -103,9 +105,8 @@ class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
 
 # The single block's forward is rewritten here from diffusers' (0.42); a diffusers whose forward takes
 # other arguments keeps its own (unfused) forward rather than lose what changed.
-_SINGLE_BLOCK_ARGS = ("self", "hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb",
-                      "joint_attention_kwargs")
-_SINGLE_BLOCK_MATCHES = tuple(inspect.signature(FluxSingleTransformerBlock.forward).parameters) == _SINGLE_BLOCK_ARGS
+_SINGLE_BLOCK_MATCHES = same_parameters(FluxSingleTransformerBlock.forward, "self", "hidden_states",
+                                        "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
 
 
 def _gelu_tanh(act: nn.Module) -> bool:

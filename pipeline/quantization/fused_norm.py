@@ -8,12 +8,13 @@ class becomes a subclass whose forward calls `svdq::adaln_modulate` where the Tr
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
 from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 from torch import nn
+
+from pipeline.quantization.diffusers_compat import same_parameters
 
 ENABLED = os.environ.get("SVDQ_FUSED_NORM", "1") != "0"
 
@@ -53,9 +54,9 @@ class FusedAdaLayerNormZeroSingle(AdaLayerNormZeroSingle):
 
 FUSED_CLASSES = {AdaLayerNormZero: FusedAdaLayerNormZero, AdaLayerNormZeroSingle: FusedAdaLayerNormZeroSingle}
 # The forwards above are diffusers' (0.42); a diffusers whose forwards take other arguments keeps its own.
-_ARGS = {AdaLayerNormZero: ("self", "x", "timestep", "class_labels", "hidden_dtype", "emb"),
-         AdaLayerNormZeroSingle: ("self", "x", "emb")}
-_MATCHES = {cls: tuple(inspect.signature(cls.forward).parameters) == args for cls, args in _ARGS.items()}
+_MATCHES = {AdaLayerNormZero: same_parameters(AdaLayerNormZero.forward, "self", "x", "timestep", "class_labels",
+                                              "hidden_dtype", "emb"),
+            AdaLayerNormZeroSingle: same_parameters(AdaLayerNormZeroSingle.forward, "self", "x", "emb")}
 
 
 def _fusable(owner: nn.Module) -> bool:

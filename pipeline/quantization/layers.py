@@ -25,6 +25,8 @@ class SVDQW4A4Linear(nn.Module):
     `qweight` is given as logical codes (N, K) and held packed, two per byte, in `packed_codes`.
     """
 
+    takes_gate = True  # forward computes gated_residual + gate · y (gated_linear)
+
     def __init__(self, *, precision: str, qweight, wscales, smooth, proj_down, proj_up, bias=None,
                  smooth_orig=None, wtscale=None, wcscales=None, act_unsigned: bool = False,
                  act_shift: float = 0.0, ckpt_name: str = "", rows: Optional[tuple[int, int]] = None):
@@ -74,8 +76,7 @@ class SVDQW4A4Linear(nn.Module):
                             self.proj_down, self.proj_up, self.bias, self.wtscale, self.wcscales,
                             float(self.act_shift), self.act_unsigned, mode, rows(residual), gate, rows(gated_residual))
             return y.reshape(*x.shape[:-1], self.out_features)
-        y = self.reference_forward(x, residual)
-        return y if gate is None else gated_residual + gate.unsqueeze(1) * y
+        return gated(self.reference_forward(x, residual), gate, gated_residual)
 
     def reference_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The oracle: exactly the kernels' arithmetic, in plain PyTorch (any device, compile-friendly)."""
@@ -173,9 +174,10 @@ def gated(y: torch.Tensor, gate: Optional[torch.Tensor], residual: Optional[torc
     return y if gate is None else residual + gate.unsqueeze(1) * y
 
 
-def gated_linear(layer: nn.Module, x: torch.Tensor, gate: Optional[torch.Tensor],
+def gated_linear(module: nn.Module, x: torch.Tensor, gate: Optional[torch.Tensor],
                  residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """residual + gate · layer(x): in the GEMM's epilogue for an SVDQuant layer, else diffusers' ops."""
-    if gate is not None and isinstance(layer, SVDQW4A4Linear):
-        return layer(x, gate=gate, gated_residual=residual)
-    return gated(layer(x), gate, residual)
+    """residual + gate · module(x): in the last GEMM's epilogue for a module that takes the gate (an SVDQuant
+    layer, a fused MLP), else diffusers' ops."""
+    if gate is not None and getattr(module, "takes_gate", False):
+        return module(x, gate=gate, gated_residual=residual)
+    return gated(module(x), gate, residual)
