@@ -74,10 +74,31 @@ class FusedGeluFeedForward(FeedForward):
         return gelu_mlp(hidden_states, self.net[0].proj, self.net[2], gate=gate, gated_residual=gated_residual)
 
 
+def joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """torch.cat([first, second], dim=1), without the copy when the two are already adjacent slices of one
+    (batch, tokens, width) tensor: a FLUX single block returns its text and image streams as such slices of
+    its output, and the next block joins them again (38 blocks, ~56 MB per join at 1024²). Under autograd or
+    torch.compile it is torch.cat."""
+    if (first.requires_grad or second.requires_grad or torch.compiler.is_compiling() or first.dim() != 3
+            or second.dim() != 3 or first.dtype != second.dtype or first.device != second.device
+            or first.shape[0] != second.shape[0] or first.shape[2] != second.shape[2]):
+        return torch.cat([first, second], dim=1)
+    batch, text, width = first.shape
+    tokens = text + second.shape[1]
+    strides = (tokens * width, width, 1)
+    if (first.untyped_storage()._cdata == second.untyped_storage()._cdata
+            and (batch == 1 or first.stride() == strides) and first.stride()[1:] == strides[1:]
+            and (batch == 1 or second.stride() == strides) and second.stride()[1:] == strides[1:]
+            and second.storage_offset() == first.storage_offset() + text * width):
+        return first.as_strided((batch, tokens, width), strides, first.storage_offset())
+    return torch.cat([first, second], dim=1)
+
+
 class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
     """FLUX's single block with its MLP run as a fused pair into proj_out's second half, which adds the
     first half's output (the attention's) in its epilogue: no concatenation, no separate GELU. With
-    gate_in_epilogue, that epilogue also computes the gated residual sum."""
+    gate_in_epilogue, that epilogue also computes the gated residual sum. The text and image streams it is
+    given are joined without a copy where they are the previous single block's output (joined)."""
 
     gate_in_epilogue = False
 
@@ -86,7 +107,7 @@ class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
                 joint_attention_kwargs: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
         # diffusers' FluxSingleTransformerBlock.forward, with the MLP and proj_out as above
         text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        hidden_states = joined(encoder_hidden_states, hidden_states)  # the previous block's output: no copy
         residual = hidden_states
         norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
         attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
