@@ -24,10 +24,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
 status=0
+GPU_TESTS="tests/test_kernels.py tests/test_rope_kernel.py tests/test_norm_kernel.py tests/test_gated_epilogue.py
+  tests/test_joint_qkv.py tests/test_joined_streams.py tests/test_numerics.py"
 for part in "$@"; do
   case "$part" in
     tests) timeout -s INT -k 15 "${LIMIT_S:-570}" \
-             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rope_kernel.py tests/test_norm_kernel.py tests/test_gated_epilogue.py tests/test_numerics.py 2>&1 \
+             python3 -m pytest -q -p no:cacheprovider $GPU_TESTS 2>&1 \
              | tee "$OUT/tests.txt" || status=1 ;;
     gemm|flux|qwen) timeout -s INT -k 15 "${LIMIT_S:-570}" \
              python3 benchmarks/gpu_bench.py --only "$part" --profile --out "$OUT/$part.json" \

@@ -37,7 +37,7 @@ from gpu_bench import FLUX_DEV, QWEN_IMAGE, fusions_off, install_targets_, int4_
 
 ANCHOR_OTHER_MS = 0.42 * 182.0  # BF16 FLUX.1-dev eager on an H100: the time outside GEMMs and attention
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_scaled_mm", "svdq::w4a4_linear",
-            "svdq::w4a4_gemm", "svdq::w4a4_gelu_quant", "svdq::awq_w4a16_gemv"}
+            "svdq::w4a4_linear_joint", "svdq::w4a4_gemm", "svdq::w4a4_gelu_quant", "svdq::awq_w4a16_gemv"}
 ATTENTION_MODULES = {"FluxAttention", "QwenAttention", "Attention"}
 # Operators whose output is a view (or the input itself) move no bytes.
 VIEWS = {"view", "reshape", "unflatten", "flatten", "unsqueeze", "squeeze", "expand", "permute", "transpose", "t",

@@ -50,7 +50,7 @@ _CODE_POINTER = {"packed": "*u8", "fp8": "*fp8e4nv", "int8": "*i8"}  # Triton po
 _ARGS = [("a_ptr", None), ("as_ptr", "*bf16"), ("w_ptr", "*u8"), ("ws_ptr", None), ("low_ptr", "*fp32"),
          ("up_ptr", "*bf16"), ("bias_ptr", "*bf16"), ("wt_ptr", "*fp32"), ("wc_ptr", "*bf16"),
          ("res_ptr", "*bf16"), ("gate_ptr", "*bf16"), ("gres_ptr", "*bf16"), ("out_ptr", "*bf16"), ("M", "i32"),
-         ("N", "i32"), ("tokens", "i32"), ("stride_gate", "i32")]
+         ("N", "i32"), ("tokens", "i32"), ("stride_gate", "i32"), ("out_tokens", "i32"), ("out_image_rows", "i32")]
 
 
 @dataclass
@@ -82,13 +82,14 @@ _GELU_QUANT_ARGS = [*_ARGS[:9], ("nsmooth_ptr", "*bf16"), ("ndown_ptr", "*bf16")
 
 
 def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, expand: bool = False, k: int = 3072,
-                 rank: int = 32, gelu_quant: bool = False, gated: bool = False):
+                 rank: int = 32, gelu_quant: bool = False, gated: bool = False, mapped: bool = False):
     """The GEMM compiled for sm_<arch> (bf16 model): Triton's CompiledKernel (PTX, TTGIR, cubin, metadata).
 
     scale_mma: form s_a ⊗ s_w on the tensor cores (INT4 only) or with FP32 multiplies. expand: weight
     codes come one per byte (expand_weight_codes, INT4 only) instead of packed. gelu_quant: the MLP's
     first layer, whose epilogue quantizes GELU of its output for the next (unsigned, shifted) layer. gated:
-    the epilogue computes AdaLN-Zero's residual + gate · y.
+    the epilogue computes AdaLN-Zero's residual + gate · y. mapped: it writes each image's rows into a slice of a
+    joint tensor (w4a4_gemm's out).
     """
     fp4 = dot == "fp16"
     codes = kw.act_code_format(dot)  # activation codes as the layer feeds them
@@ -103,9 +104,9 @@ def compile_gemm(arch: int, dot: str, config: triton.Config, scale_mma: bool, ex
         const.update(NR=rank, BLOCK_NR=kw._pow2(rank), NEXT_HAS_SHIFT=True, NEXT_UNSIGNED=True,
                      CODES=kw.CODE_FORMATS[codes][0])
     else:
-        const.update(HAS_RES=False, HAS_GATE=gated)
+        const.update(HAS_RES=False, HAS_GATE=gated, OUT_MAPPED=mapped)
     args = [(name, types[name]) for name, _ in arg_list]
-    aligned = tuple(name for name, _ in arg_list if name not in ("M", "nshift", "tokens"))
+    aligned = tuple(name for name, _ in arg_list if name not in ("M", "nshift", "tokens", "out_tokens", "out_image_rows"))
     fn = kw._w4a4_gemm_gelu_quant_kernel if gelu_quant else kw._w4a4_gemm_kernel
     return _compile(fn, arch, args, const, aligned, num_warps=config.num_warps, num_stages=config.num_stages)
 

@@ -135,3 +135,16 @@ def test_targets_use_the_first_measurement_of_a_variant_measured_twice_in_merged
     rows = [row("bf16", 100.0), row("int4_r32", 70.0), row("int4_r32_unfused-rope", 90.0), row("int4_r32", 80.0)]
     found = {t["target"]: t["value"] for t in targets([], rows)}
     assert found == {"flux int4_r32 eager forward <= 0.75x BF16 eager": 0.7, "flux int4_r32 weights <= 1/3.5 of BF16": 1.0}
+
+
+def test_device_script_parses_and_its_gpu_tests_cover_every_module_that_runs_kernels_on_a_gpu():
+    """device_run.sh runs on a lent GPU only: a syntax error or a test module left off would show first there."""
+    import re
+
+    script = ROOT / "benchmarks" / "device_run.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    listed = re.search(r'GPU_TESTS="([^"]+)"', script.read_text()).group(1).split()
+    assert all((ROOT / name).is_file() for name in listed), listed
+    runs_on_device = re.compile(r"^(DEVICE = |from test_kernels import .*\bDEVICE\b)", re.M)
+    on_gpu = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if runs_on_device.search(p.read_text())}
+    assert on_gpu and on_gpu <= set(listed), on_gpu - set(listed)

@@ -152,19 +152,22 @@ def test_adaln_norm_kernel_compiles_without_spills():
         assert float(per_element) <= 32, per_element
 
 
-def test_gated_epilogue_leaves_the_k_loop_as_it_is():
-    """The GEMM whose epilogue computes residual + gate · y (fused_block.py) on Hopper and Ampere: the same K
-    loop as the plain GEMM, no spills."""
+def test_gated_and_mapped_epilogues_leave_the_k_loop_as_it_is():
+    """The GEMM whose epilogue computes residual + gate · y (fused_block.py), and the one that writes its rows into
+    a joint tensor (w4a4_gemm's out), on Hopper and Ampere: the same K loop as the plain GEMM, no spills."""
     rows = _compiled_rows(
         "import sys; sys.path.insert(0, 'benchmarks'); import kernel_static as ks\n"
         "from pipeline.kernels import triton_w4a4 as kw\n"
         "for arch, dot in [(90, 'fp8'), (80, 'int8')]:\n"
-        "    for gated in (False, True):\n"
+        "    for variant in ('plain', 'gated', 'mapped'):\n"
         "        ck = ks.compile_gemm(arch, dot, kw.GEMM_CONFIGS[1], kw.scale_mma_default(dot, arch, kw.torch.bfloat16,"
-        " kw.torch.bfloat16), kw.expand_weights_default(dot, arch), gated=gated)\n"
+        " kw.torch.bfloat16), kw.expand_weights_default(dot, arch), gated=variant == 'gated',"
+        " mapped=variant == 'mapped')\n"
         "        lines, labels = ks.sass(ck.asm['cubin'])\n"
-        "        print(arch, gated, sum(ks.loop_opcodes(lines, labels).values()), ks._ptxas_usage(ck.asm['ptx'], arch)[1])\n")
+        "        print(arch, variant, sum(ks.loop_opcodes(lines, labels).values()),"
+        " ks._ptxas_usage(ck.asm['ptx'], arch)[1])\n")
     loops = {(r[0], r[1]): int(r[2]) for r in rows}
-    assert all(r[3] == "0" for r in rows)
+    assert len(rows) == 6 and all(r[3] == "0" for r in rows)
     for arch in ("90", "80"):
-        assert abs(loops[(arch, "True")] - loops[(arch, "False")]) <= 0.05 * loops[(arch, "False")], loops
+        for variant in ("gated", "mapped"):
+            assert abs(loops[(arch, variant)] - loops[(arch, "plain")]) <= 0.05 * loops[(arch, "plain")], loops

@@ -33,6 +33,33 @@ def _(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcsca
     return x.new_empty(x.shape[0], packed_codes.shape[0])
 
 
+@torch.library.custom_op("svdq::w4a4_linear_joint", mutates_args=())
+def w4a4_linear_joint(xs: list[torch.Tensor], packed_codes: list[torch.Tensor], wscales: list[torch.Tensor],
+                      smooth: list[torch.Tensor], proj_down: list[torch.Tensor], proj_up: list[torch.Tensor],
+                      bias: list[Optional[torch.Tensor]], shift: list[float], unsigned: list[bool],
+                      dot: str) -> torch.Tensor:
+    """Streams xs[i] (B, S_i, K_i), each through its own INT4 layer (N outputs each), -> (B, ΣS_i, N): the outputs
+    joined along the tokens as torch.cat(dim=1) would join them, each GEMM writing its rows in place (the text and
+    image q/k/v of a joint attention, whose v the attention then reads without a concatenation). dot "fp8" | "int8"."""
+    from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
+
+    batch, n = xs[0].shape[0], packed_codes[0].shape[0]
+    joint = xs[0].new_empty(batch, sum(x.shape[1] for x in xs), n)
+    start = 0
+    for i, x in enumerate(xs):
+        codes, scales, low = quantize_act(x.reshape(-1, x.shape[-1]), smooth[i], proj_down[i], shift[i], unsigned[i],
+                                          codes=dot)
+        w4a4_gemm(codes, scales, packed_codes[i], wscales[i], low, proj_up[i], bias[i], x.dtype, dot, unsigned[i],
+                  out=joint[:, start:start + x.shape[1]])
+        start += x.shape[1]
+    return joint
+
+
+@w4a4_linear_joint.register_fake
+def _(xs, packed_codes, wscales, smooth, proj_down, proj_up, bias, shift, unsigned, dot):
+    return xs[0].new_empty(xs[0].shape[0], sum(x.shape[1] for x in xs), packed_codes[0].shape[0])
+
+
 @torch.library.custom_op("svdq::w4a4_gelu_quant", mutates_args=())
 def w4a4_gelu_quant(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
                     proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], shift: float,

@@ -440,9 +440,10 @@ def _gemm_tile(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, 
 
 @triton.jit
 def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, wt_ptr, wc_ptr, res_ptr, gate_ptr,
-                      gres_ptr, out_ptr, M, N, tokens, stride_gate, K: tl.constexpr, R: tl.constexpr,
-                      DOT: tl.constexpr, SIGNED_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WC: tl.constexpr,
-                      HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, G: tl.constexpr,
+                      gres_ptr, out_ptr, M, N, tokens, stride_gate, out_tokens, out_image_rows, K: tl.constexpr,
+                      R: tl.constexpr, DOT: tl.constexpr, SIGNED_A: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_WC: tl.constexpr, HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, OUT_MAPPED: tl.constexpr,
+                      G: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                       A_BYTES: tl.constexpr, W_BYTES: tl.constexpr, SCALE_MMA: tl.constexpr,
                       ON_GPU: tl.constexpr):
@@ -460,6 +461,8 @@ def _w4a4_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, low_ptr, up_ptr, bias_ptr, w
         gate = tl.load(gate_ptr + (rows // tokens)[:, None] * stride_gate + cols[None, :], mask=out_ok, other=0.0)
         acc = (acc.to(dtype).to(tl.float32) * gate.to(tl.float32)).to(dtype).to(tl.float32)
         acc += tl.load(gres_ptr + out_offsets, mask=out_ok, other=0.0).to(tl.float32)
+    if OUT_MAPPED:  # image b's out_tokens rows go to output rows b·out_image_rows.. (a slice of a joint tensor)
+        out_offsets = ((rows // out_tokens) * out_image_rows + rows % out_tokens)[:, None] * N + cols[None, :]
     tl.store(out_ptr + out_offsets, acc.to(dtype), mask=out_ok)
 
 
@@ -696,8 +699,8 @@ def _launch(kernel, autotuned, args, meta, m, n, device, block_m, block_n, inter
 
 def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtype, dot: str = "fp8",
               unsigned: bool = False, wtscale=None, wcscales=None, residual=None, gate=None, gated_residual=None, *,
-              block_m: Optional[int] = None, block_n: Optional[int] = None, scale_mma: Optional[bool] = None,
-              expand_weights: Optional[bool] = None):
+              out: Optional[torch.Tensor] = None, block_m: Optional[int] = None, block_n: Optional[int] = None,
+              scale_mma: Optional[bool] = None, expand_weights: Optional[bool] = None):
     """Σ_g dot_g · s_a · s_w (fp32, K order) [· wtscale · wcscales] + bias + low·proj_upᵀ [+ residual] -> (M, N),
     then [gated_residual + gate · that], each step rounded to out_dtype as diffusers' AdaLN-Zero blocks round.
 
@@ -708,11 +711,21 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
     FP32 multiplies (default: scale_mma_default). expand_weights: expand packed weight codes to one per
     byte first, into a scratch tensor (default: expand_weights_default). With block_m/block_n given,
     or in the interpreter, those tiles run; otherwise the autotuner picks from GEMM_CONFIGS. gate (B, N): one
-    row per image, the M rows being B images' tokens in order; gated_residual (M, N).
+    row per image, the M rows being B images' tokens in order; gated_residual (M, N). out: where to write
+    instead of a new (M, N) tensor, a (B, S, N) view whose rows are contiguous (a slice of a joint
+    (B, ΣS, N) tensor along its tokens, say), M = B·S; it is returned.
     """
     tensors, meta, m, n = _gemm_operands(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, dot, unsigned,
                                          wtscale, wcscales, scale_mma, expand_weights)
-    out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
+    out_tokens, out_image_rows = m, 0
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=a_codes.device)
+    elif (out.dim() != 3 or out.shape[0] * out.shape[1] != m or out.shape[2] != n or out.dtype != out_dtype
+          or out.stride(2) != 1 or out.stride(1) != n or out.stride(0) % n):
+        raise ValueError(f"out of shape {tuple(out.shape)}, strides {out.stride()}, {out.dtype} is not B images' "
+                         f"rows of {n} contiguous {out_dtype} values, {m} rows in all")
+    elif out.shape[0] > 1 and out.stride(0) != out.shape[1] * n:  # else its rows follow one another
+        out_tokens, out_image_rows = out.shape[1], out.stride(0) // n
     for name, t in (("residual", residual), ("gated_residual", gated_residual)):
         if t is not None and tuple(t.shape) != (m, n):
             raise ValueError(f"{name} of shape {tuple(t.shape)} does not match the output ({m}, {n})")
@@ -727,9 +740,10 @@ def w4a4_gemm(a_codes, a_scales, w_codes, w_scales, low, proj_up, bias, out_dtyp
     dummy = tensors[3]
     args = (*tensors, residual.contiguous() if residual is not None else dummy,
             gate if gate is not None else dummy, gated_residual if gated_residual is not None else dummy, out, m, n,
-            tokens, gate.stride(0) if gate is not None else 0)
-    _launch(_w4a4_gemm_kernel, _autotuned, args, dict(meta, HAS_RES=residual is not None, HAS_GATE=gate is not None),
-            m, n, a_codes.device, block_m, block_n)
+            tokens, gate.stride(0) if gate is not None else 0, out_tokens, out_image_rows)
+    _launch(_w4a4_gemm_kernel, _autotuned, args, dict(meta, HAS_RES=residual is not None, HAS_GATE=gate is not None,
+                                                      OUT_MAPPED=out_image_rows != 0), m, n, a_codes.device,
+            block_m, block_n)
     return out
 
 

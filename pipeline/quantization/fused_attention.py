@@ -8,6 +8,8 @@ that is about 94 GB of memory traffic per FLUX.1-dev forward at 1024², more tha
 reference), or for anything the kernel does not cover (other norms, no rotary embedding, context
 parallelism, training), they call diffusers' code unchanged. Given a double block's gates and residuals
 (fused_block.py), they return residual + gate · output, computed in the output projections' epilogues.
+In a double block the two streams' q/k/v GEMMs write into one joint tensor (layers.joint_linear), so v,
+which needs no norm or rotation, is read from it instead of being concatenated.
 
 They are installed with the fused q/k/v layers (fused_qkv.py); `SVDQ_FUSED_ROPE=0` keeps diffusers'
 attention for a run. The code after the attention is diffusers' (0.42); a diffusers whose processor takes
@@ -27,7 +29,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 from torch import nn
 
 from pipeline.quantization.diffusers_compat import same_parameters
-from pipeline.quantization.layers import gated, gated_linear
+from pipeline.quantization.layers import gated, gated_linear, joint_linear
 
 ENABLED = os.environ.get("SVDQ_FUSED_ROPE", "1") != "0"
 
@@ -88,8 +90,16 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
             return gated(out[0], gate, residual), gated(out[1], context_gate, context_residual)
         from pipeline.kernels import ops
 
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
+        qkv = None  # both streams' q/k/v in one (B, text + image, 3·inner) tensor: v is read from it, not joined
+        if joint and getattr(attn, "fused_projections", False):
+            qkv = joint_linear((attn.to_added_qkv, attn.to_qkv), (encoder_hidden_states, hidden_states))
+        if qkv is not None:
+            text = encoder_hidden_states.shape[1]
+            encoder_query, encoder_key, encoder_value = qkv[:, :text].chunk(3, dim=-1)
+            query, key, value = qkv[:, text:].chunk(3, dim=-1)
+        else:
+            query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+                attn, hidden_states, encoder_hidden_states)
 
         def heads(t):
             return t.unflatten(-1, (-1, attn.head_dim))
@@ -101,7 +111,8 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
             ks.insert(0, heads(encoder_key))
             wqs.insert(0, attn.norm_added_q.weight)
             wks.insert(0, attn.norm_added_k.weight)
-            value = torch.cat([heads(encoder_value), value], dim=1)
+            value = (heads(qkv.chunk(3, dim=-1)[2]) if qkv is not None
+                     else torch.cat([heads(encoder_value), value], dim=1))
         cos, sin = image_rotary_emb  # over the joint sequence, one value per element
         query, key = ops.qk_norm_rope(qs, ks, wqs, wks, [cos], [sin], spec[0], spec[1], False)
 
@@ -123,10 +134,12 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
 
 def qwen_attention(processor: QwenDoubleStreamAttnProcessor2_0, attn, img: tuple, txt: tuple, hidden_states,
                    encoder_hidden_states, encoder_hidden_states_mask=None, attention_mask=None,
-                   image_rotary_emb=None, gate=None, residual=None, context_gate=None, context_residual=None):
+                   image_rotary_emb=None, gate=None, residual=None, context_gate=None, context_residual=None,
+                   joint_value=None):
     """diffusers' Qwen-Image joint attention on projected q/k/v chunks (img, txt), with the q/k norms, RoPE and
     concatenation in one kernel [and each stream's residual + gate · output in its projection's epilogue];
-    None where the kernel does not cover the call (the caller runs diffusers')."""
+    None where the kernel does not cover the call (the caller runs diffusers'). joint_value: both streams' v
+    (B, text + image, inner), already joined (layers.joint_linear)."""
     if (attention_mask is not None or image_rotary_emb is None or processor._parallel_config is not None
             or attn.training):
         return None
@@ -153,7 +166,7 @@ def qwen_attention(processor: QwenDoubleStreamAttnProcessor2_0, attn, img: tuple
         [heads(txt[0]), heads(img[0])], [heads(txt[1]), heads(img[1])], [n.weight for n in norms[0::2]],
         [n.weight for n in norms[1::2]], [t[..., 0] for t in tables], [t[..., 1] for t in tables], spec[0], spec[1],
         True)
-    joint_value = torch.cat([heads(txt[2]), heads(img[2])], dim=1)
+    joint_value = heads(joint_value) if joint_value is not None else torch.cat([heads(txt[2]), heads(img[2])], dim=1)
     joint_hidden_states = dispatch_attention_fn(
         joint_query, joint_key, joint_value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
         backend=processor._attention_backend, parallel_config=processor._parallel_config)

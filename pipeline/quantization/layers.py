@@ -106,6 +106,27 @@ class SVDQW4A4Linear(nn.Module):
         return w_hat / self.smooth.float()[None, :]
 
 
+def joint_linear(layers: tuple[nn.Module, ...], xs: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+    """torch.cat([layer(x) for each stream], dim=1) with each GEMM writing its rows of the joint tensor in place
+    (svdq::w4a4_linear_joint), for streams x (B, S_i, K) through INT4 W4A4 layers of one output width; None where
+    that does not apply or the INT4 kernels do not run (the caller runs the layers one by one)."""
+    from pipeline.kernels.dispatch import kernel_mode
+
+    if not (all(isinstance(m, SVDQW4A4Linear) and m.precision == "int4" for m in layers)
+            and len({m.out_features for m in layers}) == 1 and all(x.dim() == 3 for x in xs)
+            and len({(x.shape[0], x.dtype, x.device) for x in xs}) == 1):
+        return None
+    mode = kernel_mode(xs[0].device, "int4")
+    if mode not in ("fp8", "int8"):
+        return None
+    from pipeline.kernels.ops import w4a4_linear_joint
+
+    return w4a4_linear_joint(list(xs), [m.packed_codes for m in layers], [m.wscales for m in layers],
+                             [m.smooth for m in layers], [m.proj_down for m in layers], [m.proj_up for m in layers],
+                             [m.bias for m in layers], [float(m.act_shift) for m in layers],
+                             [m.act_unsigned for m in layers], mode)
+
+
 class AWQW4A16Linear(nn.Module):
     """4-bit weights, 16-bit activations: w = q·s + z per 64-group, q in 0..15 (the AdaLN modulation).
 
