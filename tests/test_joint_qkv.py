@@ -79,13 +79,12 @@ def test_double_blocks_project_both_streams_into_one_tensor_and_match_the_separa
     from conftest import kernels_then_reference
     from test_checkpoint import quantized_pipe
 
-    from pipeline.quantization import fused_attention, fused_qkv
+    from pipeline.quantization import fused_attention
 
     transformer = quantized_pipe(model, "int4").transformer
     joint, ref, calls = kernels_then_reference(monkeypatch, transformer, model, ops, "w4a4_linear_joint")
     assert calls == len(transformer.transformer_blocks)
-    for module in (fused_attention, fused_qkv):
-        monkeypatch.setattr(module, "joint_linear", lambda layers, xs: None)
+    monkeypatch.setattr(fused_attention, "joint_projections", lambda attn, hidden, context: None)
     separate, ref2, calls = kernels_then_reference(monkeypatch, transformer, model, ops, "w4a4_linear_joint")
     assert calls == 0 and torch.equal(ref, ref2)
     assert torch.equal(joint, separate)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -52,6 +53,12 @@ def kernel_mode(device: torch.device, precision: str) -> str:
     if cc >= (8, 9):
         return "fp8"
     return "int8" if cc >= (8, 0) else "reference"  # Triton's INT8 dot needs sm_80's mma
+
+
+def int4_dot(device: torch.device) -> Optional[str]:
+    """The dot type ('fp8' | 'int8') INT4 layers' fused kernels run on here; None where they do not run."""
+    mode = kernel_mode(device, "int4")
+    return mode if mode in ("fp8", "int8") else None
 
 
 def awq_kernel(device: torch.device, rows: int) -> bool:

@@ -7,6 +7,17 @@ from typing import Optional
 import torch
 
 
+def _linear(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned, dot,
+            residual=None, gate=None, gated_residual=None, out=None):
+    """An SVDQuant layer as the activation kernel then the GEMM (x (M, K) -> (M, N), or into `out`)."""
+    from pipeline.kernels.triton_w4a4 import act_code_format, quantize_act, w4a4_gemm
+
+    precision = "nvfp4" if dot == "fp16" else "int4"
+    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision, codes=act_code_format(dot))
+    return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
+                     wcscales, residual, gate, gated_residual, out=out)
+
+
 @torch.library.custom_op("svdq::w4a4_linear", mutates_args=())
 def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tensor, smooth: torch.Tensor,
                 proj_down: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor],
@@ -19,12 +30,8 @@ def w4a4_linear(x: torch.Tensor, packed_codes: torch.Tensor, wscales: torch.Tens
     dot "fp8" | "int8" runs INT4, "fp16" runs NVFP4 (emulated); see pipeline/kernels/dispatch.py.
     x may be a column slice of a wider tensor: it is read in place.
     """
-    from pipeline.kernels.triton_w4a4 import act_code_format, quantize_act, w4a4_gemm
-
-    precision = "nvfp4" if dot == "fp16" else "int4"
-    codes, scales, low = quantize_act(x, smooth, proj_down, shift, unsigned, precision, codes=act_code_format(dot))
-    return w4a4_gemm(codes, scales, packed_codes, wscales, low, proj_up, bias, x.dtype, dot, unsigned, wtscale,
-                     wcscales, residual, gate, gated_residual)
+    return _linear(x, packed_codes, wscales, smooth, proj_down, proj_up, bias, wtscale, wcscales, shift, unsigned,
+                   dot, residual, gate, gated_residual)
 
 
 @w4a4_linear.register_fake
@@ -41,16 +48,12 @@ def w4a4_linear_joint(xs: list[torch.Tensor], packed_codes: list[torch.Tensor], 
     """Streams xs[i] (B, S_i, K_i), each through its own INT4 layer (N outputs each), -> (B, ΣS_i, N): the outputs
     joined along the tokens as torch.cat(dim=1) would join them, each GEMM writing its rows in place (the text and
     image q/k/v of a joint attention, whose v the attention then reads without a concatenation). dot "fp8" | "int8"."""
-    from pipeline.kernels.triton_w4a4 import quantize_act, w4a4_gemm
-
     batch, n = xs[0].shape[0], packed_codes[0].shape[0]
     joint = xs[0].new_empty(batch, sum(x.shape[1] for x in xs), n)
     start = 0
     for i, x in enumerate(xs):
-        codes, scales, low = quantize_act(x.reshape(-1, x.shape[-1]), smooth[i], proj_down[i], shift[i], unsigned[i],
-                                          codes=dot)
-        w4a4_gemm(codes, scales, packed_codes[i], wscales[i], low, proj_up[i], bias[i], x.dtype, dot, unsigned[i],
-                  out=joint[:, start:start + x.shape[1]])
+        _linear(x.reshape(-1, x.shape[-1]), packed_codes[i], wscales[i], smooth[i], proj_down[i], proj_up[i], bias[i],
+                None, None, shift[i], unsigned[i], dot, out=joint[:, start:start + x.shape[1]])
         start += x.shape[1]
     return joint
 

@@ -64,6 +64,17 @@ def norm_args(norms: tuple, dtype: torch.dtype, head_dim: int) -> Optional[tuple
     return (torch.finfo(dtype).eps if value is None else float(value)), round_normed
 
 
+def joint_projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """Both streams' q/k/v written into one (B, text + image, 3·inner) tensor (layers.joint_linear): (the text's
+    q, k, v, the image's q, k, v, both streams' v joined), views of it; None where that does not run (the caller
+    projects each stream)."""
+    qkv = joint_linear((attn.to_added_qkv, attn.to_qkv), (encoder_hidden_states, hidden_states))
+    if qkv is None:
+        return None
+    text = encoder_hidden_states.shape[1]
+    return qkv[:, :text].chunk(3, dim=-1), qkv[:, text:].chunk(3, dim=-1), qkv.chunk(3, dim=-1)[2]
+
+
 def _runs_here(x: torch.Tensor) -> bool:
     from pipeline.kernels.dispatch import plain_kernels
 
@@ -90,13 +101,11 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
             return gated(out[0], gate, residual), gated(out[1], context_gate, context_residual)
         from pipeline.kernels import ops
 
-        qkv = None  # both streams' q/k/v in one (B, text + image, 3·inner) tensor: v is read from it, not joined
+        projected = None  # v read from the joint projection, not concatenated
         if joint and getattr(attn, "fused_projections", False):
-            qkv = joint_linear((attn.to_added_qkv, attn.to_qkv), (encoder_hidden_states, hidden_states))
-        if qkv is not None:
-            text = encoder_hidden_states.shape[1]
-            encoder_query, encoder_key, encoder_value = qkv[:, :text].chunk(3, dim=-1)
-            query, key, value = qkv[:, text:].chunk(3, dim=-1)
+            projected = joint_projections(attn, hidden_states, encoder_hidden_states)
+        if projected is not None:
+            (encoder_query, encoder_key, _), (query, key, _), value = projected
         else:
             query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
                 attn, hidden_states, encoder_hidden_states)
@@ -111,8 +120,8 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
             ks.insert(0, heads(encoder_key))
             wqs.insert(0, attn.norm_added_q.weight)
             wks.insert(0, attn.norm_added_k.weight)
-            value = (heads(qkv.chunk(3, dim=-1)[2]) if qkv is not None
-                     else torch.cat([heads(encoder_value), value], dim=1))
+            if projected is None:
+                value = torch.cat([heads(encoder_value), value], dim=1)
         cos, sin = image_rotary_emb  # over the joint sequence, one value per element
         query, key = ops.qk_norm_rope(qs, ks, wqs, wks, [cos], [sin], spec[0], spec[1], False)
 

@@ -26,24 +26,20 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from torch import nn
 
 from pipeline.quantization.diffusers_compat import same_parameters
-from pipeline.quantization.layers import SplitInputLinear, SVDQW4A4Linear, gated
+from pipeline.quantization.layers import SplitInputLinear, SVDQW4A4Linear, gated, is_int4_w4a4
 
 # Swap in the fused forwards at all? Tests compare both; SVDQ_FUSED_MLP=0 turns it off for a run.
 ENABLED = os.environ.get("SVDQ_FUSED_MLP", "1") != "0"
-
-
-def _int4(layer: nn.Module) -> bool:
-    return isinstance(layer, SVDQW4A4Linear) and layer.precision == "int4"
 
 
 def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear, residual: Optional[torch.Tensor] = None,
              gate: Optional[torch.Tensor] = None, gated_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding] [then gated_residual + gate · that, in
     fc2's epilogue]; fc1 and fc2 are INT4 W4A4 layers (install_fused_mlp swaps in the fused forwards only then)."""
-    from pipeline.kernels.dispatch import kernel_mode
+    from pipeline.kernels.dispatch import int4_dot
 
-    mode = kernel_mode(x.device, "int4")
-    if mode in ("fp8", "int8"):
+    mode = int4_dot(x.device)
+    if mode is not None:
         from pipeline.kernels import ops
 
         x2 = x.reshape(-1, fc1.in_features)
@@ -86,9 +82,9 @@ def joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     batch, text, width = first.shape
     tokens = text + second.shape[1]
     strides = (tokens * width, width, 1)
-    if (first.untyped_storage()._cdata == second.untyped_storage()._cdata
-            and (batch == 1 or first.stride() == strides) and first.stride()[1:] == strides[1:]
-            and (batch == 1 or second.stride() == strides) and second.stride()[1:] == strides[1:]
+    rows_of_one_tensor = all(t.stride()[1:] == strides[1:] and (batch == 1 or t.stride(0) == strides[0])
+                             for t in (first, second))  # an image's stride does not matter when there is one
+    if (first.untyped_storage()._cdata == second.untyped_storage()._cdata and rows_of_one_tensor
             and second.storage_offset() == first.storage_offset() + text * width):
         return first.as_strided((batch, tokens, width), strides, first.storage_offset())
     return torch.cat([first, second], dim=1)
@@ -137,12 +133,13 @@ def _gelu_tanh(act: nn.Module) -> bool:
 def _fusable(owner: nn.Module) -> bool:
     if type(owner) is FeedForward:
         net = owner.net
-        return (len(net) >= 3 and isinstance(net[0], GELU) and _gelu_tanh(net[0]) and _int4(net[0].proj)
-                and _int4(net[2]) and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
+        return (len(net) >= 3 and isinstance(net[0], GELU) and _gelu_tanh(net[0]) and is_int4_w4a4(net[0].proj)
+                and is_int4_w4a4(net[2])
+                and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
     if type(owner) is FluxSingleTransformerBlock and _SINGLE_BLOCK_MATCHES:
         out = owner.proj_out
-        return (_gelu_tanh(owner.act_mlp) and _int4(owner.proj_mlp) and isinstance(out, SplitInputLinear)
-                and _int4(out.second) and out.second.in_features == owner.proj_mlp.out_features)
+        return (_gelu_tanh(owner.act_mlp) and is_int4_w4a4(owner.proj_mlp) and isinstance(out, SplitInputLinear)
+                and is_int4_w4a4(out.second) and out.second.in_features == owner.proj_mlp.out_features)
     return False
 
 

@@ -15,7 +15,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStream
 from torch import nn
 
 from pipeline.quantization import fused_attention
-from pipeline.quantization.layers import gated, joint_linear
+from pipeline.quantization.layers import gated
 
 FUSED_NAMES = {("to_q", "to_k", "to_v"): "to_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv"}
 
@@ -99,20 +99,19 @@ class FusedQKVQwenProcessor(QwenDoubleStreamAttnProcessor2_0):
                  attention_mask=None, image_rotary_emb=None, gate=None, residual=None, context_gate=None,
                  context_residual=None):
         """(image, text) outputs; given gates and residuals (fused_block.py), residual + gate · each."""
-        qkv = None  # both streams' q/k/v in one (B, text + image, 3·inner) tensor: v is read from it, not joined
+        projected = None  # v read from the joint projection, not concatenated
         if self.fused_rope:
-            qkv = joint_linear((attn.to_added_qkv, attn.to_qkv), (encoder_hidden_states, hidden_states))
-        if qkv is not None:
-            text = encoder_hidden_states.shape[1]
-            txt, img = qkv[:, :text].chunk(3, dim=-1), qkv[:, text:].chunk(3, dim=-1)
+            projected = fused_attention.joint_projections(attn, hidden_states, encoder_hidden_states)
+        if projected is not None:
+            txt, img, joint_value = projected
         else:
             img = attn.to_qkv(hidden_states).chunk(3, dim=-1)
             txt = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            joint_value = None
         if self.fused_rope:
             out = fused_attention.qwen_attention(self, attn, img, txt, hidden_states, encoder_hidden_states,
                                                  encoder_hidden_states_mask, attention_mask, image_rotary_emb,
-                                                 gate, residual, context_gate, context_residual,
-                                                 None if qkv is None else qkv.chunk(3, dim=-1)[2])
+                                                 gate, residual, context_gate, context_residual, joint_value)
             if out is not None:
                 return out
         img_out, txt_out = super().__call__(_Projected(attn, img, txt), hidden_states, encoder_hidden_states,

@@ -106,18 +106,22 @@ class SVDQW4A4Linear(nn.Module):
         return w_hat / self.smooth.float()[None, :]
 
 
+def is_int4_w4a4(layer: nn.Module) -> bool:
+    """Whether the INT4 kernels' fused paths (fused MLP, joint projections) can take this layer."""
+    return isinstance(layer, SVDQW4A4Linear) and layer.precision == "int4"
+
+
 def joint_linear(layers: tuple[nn.Module, ...], xs: tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
     """torch.cat([layer(x) for each stream], dim=1) with each GEMM writing its rows of the joint tensor in place
     (svdq::w4a4_linear_joint), for streams x (B, S_i, K) through INT4 W4A4 layers of one output width; None where
     that does not apply or the INT4 kernels do not run (the caller runs the layers one by one)."""
-    from pipeline.kernels.dispatch import kernel_mode
+    from pipeline.kernels.dispatch import int4_dot
 
-    if not (all(isinstance(m, SVDQW4A4Linear) and m.precision == "int4" for m in layers)
-            and len({m.out_features for m in layers}) == 1 and all(x.dim() == 3 for x in xs)
-            and len({(x.shape[0], x.dtype, x.device) for x in xs}) == 1):
+    if not (all(is_int4_w4a4(m) for m in layers) and len({m.out_features for m in layers}) == 1
+            and all(x.dim() == 3 for x in xs) and len({(x.shape[0], x.dtype, x.device) for x in xs}) == 1):
         return None
-    mode = kernel_mode(xs[0].device, "int4")
-    if mode not in ("fp8", "int8"):
+    mode = int4_dot(xs[0].device)
+    if mode is None:
         return None
     from pipeline.kernels.ops import w4a4_linear_joint
 
