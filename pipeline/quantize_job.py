@@ -32,7 +32,7 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     from pipeline.outputs.atomic import atomic_write_json
     from pipeline.quantization import SVDQuantConfig, module_bytes, quantize_
     from pipeline.quantization.apply import _dtype16, _log_layer, calibrate
-    from pipeline.quantization.checkpoint import file_name, save_checkpoint
+    from pipeline.quantization.checkpoint import default_naming, file_name, save_checkpoint
     from pipeline.runner import config_dict
 
     q = cfg.quantization
@@ -51,8 +51,9 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
                         stats, on_layer=_log_layer)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / file_name(precision, rank, cfg.model.name)
+    naming = q.naming or default_naming(cfg.model.family)
     save_checkpoint(pipe.transformer, path, precision=precision, rank=rank, act_unsigned=unsigned,
-                    model_name=cfg.model.name, naming=q.naming, dtype16=dtype16)
+                    model_name=cfg.model.name, naming=naming, dtype16=dtype16)
     errors = [r.rel_error for r in reports]
     report = {
         "file": str(path),
@@ -61,7 +62,7 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
         "precision": precision,
         "rank": rank,
         "act_unsigned": unsigned,
-        "naming": q.naming,
+        "naming": naming,
         "calibration": config_dict(cfg)["quantization"]["calibration"],
         "transformer_bytes_16bit": before,
         "transformer_bytes_quantized": module_bytes(pipe.transformer),

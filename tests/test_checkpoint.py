@@ -66,7 +66,8 @@ def saved(tmp_path_factory):
 
 
 CASES = [("tiny-flux", "int4", "diffusers"), ("tiny-flux", "nvfp4", "diffusers"), ("tiny-flux", "int4", "legacy"),
-         ("tiny-qwen-image", "int4", "diffusers"), ("tiny-qwen-image", "nvfp4", "diffusers")]
+         ("tiny-flux", "nvfp4", "legacy"), ("tiny-qwen-image", "int4", "diffusers"),
+         ("tiny-qwen-image", "nvfp4", "diffusers")]
 
 
 @pytest.mark.parametrize("model,precision,naming", CASES)
@@ -86,6 +87,27 @@ def test_save_then_load_into_a_fresh_model_gives_identical_outputs_and_bytes(sav
         assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
 
+@pytest.mark.parametrize("model,precision,naming", CASES)
+def test_the_layout_a_file_is_read_with_is_the_layout_it_is_written_with(saved, model, precision, naming):
+    """file_layout (from module shapes alone, what the full-size checks compare with Nunchaku's lists) names every
+    tensor the writer wrote, with its shape and dtype."""
+    from pipeline.quantization.checkpoint import file_layout
+
+    _, path = saved(model, precision, naming)
+    with safe_open(str(path), "pt") as f:
+        written = {k: (tuple(f.get_slice(k).get_shape()), f.get_tensor(k).dtype) for k in f.keys()}
+    fresh = build_tiny(run_config([f"model={model}"]).model).transformer
+    assert file_layout(fresh, precision=precision, rank=32, naming=naming) == written
+
+
+def test_flux_files_are_written_with_the_legacy_names_nunchaku_reads_by_default(saved, tmp_path):
+    pipe, _ = saved("tiny-flux", "int4")
+    path = save_checkpoint(pipe.transformer, tmp_path / "svdq-int4_r32-x.safetensors", precision="int4", rank=32,
+                           act_unsigned=True, model_name="tiny-flux")
+    info = inspect_checkpoint(path)
+    assert info.naming == "legacy" and json.loads(safe_open(str(path), "pt").metadata()["svdq_batch"])["naming"] == "legacy"
+
+
 def test_file_layout_and_metadata(saved):
     _, path = saved("tiny-qwen-image", "int4")
     with safe_open(str(path), "pt") as f:
@@ -101,12 +123,35 @@ def test_file_layout_and_metadata(saved):
         assert f.get_slice("transformer_blocks.0.img_mod.1.wzeros").get_shape() == [2, 768]
     assert {f"{qkv}.smooth_factor", f"{qkv}.smooth_factor_orig", f"{qkv}.bias", "img_in.weight", "proj_out.weight"} <= keys
     assert not any(k.startswith("transformer_blocks.0.attn.to_q.") for k in keys)
-    q = json.loads(meta["quantization_config"])
-    assert q == {"method": "svdquant", "rank": 32, "weight": q["activation"], "activation": q["weight"]}
-    assert q["weight"] == {"dtype": "int4", "scale_dtype": "bfloat16", "group_size": 64}
+    # as Nunchaku's merge script (nunchaku/merge_safetensors.py) writes it
+    int4 = {"dtype": "int4", "scale_dtype": None, "group_size": 64}
+    assert json.loads(meta["quantization_config"]) == {"method": "svdquant", "weight": int4, "activation": int4,
+                                                       "rank": 32}
     assert meta["model_class"] == "NunchakuQwenImageTransformer2DModel"
     assert json.loads(meta["config"])["num_layers"] == 2
+    assert "comfy_config" not in meta  # Nunchaku's Qwen-Image files carry none; FLUX files do:
+    flux = json.loads(safe_open(str(saved("tiny-flux", "int4", "legacy")[1]), "pt").metadata()["comfy_config"])
+    assert flux["model_class"] == "FluxSchnell" and flux["model_config"]["depth_single_blocks"] == 2
     assert json.loads(meta["svdq_batch"])["act_unsigned"] is True
+
+
+@pytest.mark.parametrize("model,comfy_class", [("flux.1-dev", "Flux"), ("flux.1-schnell", "FluxSchnell")])
+def test_flux_comfy_config_is_the_published_one(model, comfy_class):
+    """What Nunchaku's FLUX.1 files carry for ComfyUI-nunchaku (the comfy_config.json of mit-han-lab/svdq-int4-flux.1-dev,
+    ComfyUI-nunchaku's nodes/models/configs/flux.1-dev.json), made from the model's diffusers config."""
+    from pathlib import Path
+
+    from pipeline.quantization.checkpoint import flux_comfy_config
+
+    config = json.loads((Path(__file__).resolve().parents[1] / f"pipeline/models/configs/{model}.json").read_text())
+    published = {"model_class": "Flux", "model_config": {
+        "axes_dim": [16, 56, 56], "context_in_dim": 4096, "depth": 19, "depth_single_blocks": 38,
+        "disable_unet_model_creation": True, "guidance_embed": True, "hidden_size": 3072, "image_model": "flux",
+        "in_channels": 16, "mlp_ratio": 4.0, "num_heads": 24, "out_channels": 16, "patch_size": 2, "qkv_bias": True,
+        "theta": 10000, "vec_in_dim": 768}}
+    if comfy_class == "FluxSchnell":
+        published = {"model_class": "FluxSchnell", "model_config": {**published["model_config"], "guidance_embed": False}}
+    assert flux_comfy_config(config) == published
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
@@ -150,16 +195,23 @@ def test_fused_mlp_keeps_the_modules_and_the_reference_output(saved, monkeypatch
 
 
 def test_legacy_names_and_nvfp4_tensors(saved):
+    """FLUX files as DeepCompressor writes them: legacy layer and field names, q/k norms without `attn.`; NVFP4's
+    per-tensor scale per channel (`wcscales`) on the fused q/k/v layers and as a (1,) `wtscale` elsewhere."""
     _, legacy = saved("tiny-flux", "int4", "legacy")
     keys = set(load_file(str(legacy)))
     assert {"transformer_blocks.0.qkv_proj.lora_down", "transformer_blocks.0.qkv_proj_context.smooth",
             "transformer_blocks.0.mlp_context_fc2.lora_up", "single_transformer_blocks.0.out_proj.qweight",
-            "single_transformer_blocks.0.mlp_fc2.smooth_orig"} <= keys
-    _, fp4 = saved("tiny-flux", "nvfp4")
-    t = load_file(str(fp4))
-    assert t["transformer_blocks.0.attn.to_qkv.wscales"].dtype == torch.float8_e4m3fn
-    assert t["transformer_blocks.0.attn.to_qkv.wscales"].shape == (8, 384)
-    assert t["transformer_blocks.0.attn.to_qkv.wtscale"].shape == () and "transformer_blocks.0.attn.to_qkv.wcscales" in t
+            "single_transformer_blocks.0.mlp_fc2.smooth_orig", "transformer_blocks.0.norm_added_q.weight",
+            "transformer_blocks.1.norm_k.weight", "single_transformer_blocks.1.norm_q.weight",
+            "transformer_blocks.0.norm1.linear.wzeros", "x_embedder.weight", "norm_out.linear.weight"} <= keys
+    assert not any(".attn." in k or k.endswith((".proj_down", ".smooth_factor")) for k in keys)
+    t = load_file(str(saved("tiny-flux", "nvfp4", "legacy")[1]))
+    assert all(v.dtype in (torch.bfloat16, torch.int8, torch.int32, torch.float8_e4m3fn) for v in t.values())
+    assert t["transformer_blocks.0.qkv_proj.wscales"].dtype == torch.float8_e4m3fn
+    assert t["transformer_blocks.0.qkv_proj.wscales"].shape == (8, 384)
+    assert t["transformer_blocks.0.qkv_proj.wcscales"].shape == (384,) and "transformer_blocks.0.qkv_proj.wtscale" not in t
+    assert t["transformer_blocks.0.out_proj.wtscale"].shape == (1,) and "transformer_blocks.0.out_proj.wcscales" not in t
+    assert t["transformer_blocks.0.out_proj.wtscale"].dtype == torch.bfloat16
 
 
 def test_quantized_modules_replace_the_right_layers(saved):

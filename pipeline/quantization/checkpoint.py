@@ -1,19 +1,18 @@
 """Read and write Nunchaku-format SVDQuant checkpoints: one safetensors file per transformer.
 
-Quantized layers are stored packed (packing.py) under their Nunchaku names; every other tensor of
-the transformer is stored as-is under its diffusers name. The header carries `config`,
-`model_class` and `quantization_config` like the engine's files, plus `svdq_batch` (our settings).
-Reading accepts diffusers-style names (`to_qkv`, `proj_down`, `smooth_factor`) and the legacy
-FLUX names (`qkv_proj`, `lora_down`, `smooth`). A file that does not fit the model fails naming the
-tensor, the expected and the found shape.
+Quantized layers are stored packed (packing.py) under Nunchaku's names; every other tensor of the
+transformer is stored in 16 bits under its diffusers name. The header carries `config`, `model_class`,
+`quantization_config` and `comfy_config` as the engine's merged files do, plus `svdq_batch` (our settings).
+FLUX files are written with the legacy names by default (the only FLUX naming Nunchaku's loaders read);
+reading takes both naming schemes (file_names.py). Reading fills a transformer built on the meta device:
+every tensor comes from the file, so the 16-bit transformer weights are never read and need not exist.
+A file that does not fit the model fails naming the tensor, the expected and the found shape.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,18 +22,16 @@ from torch import nn
 from pipeline.errors import QuantizationError
 from pipeline.quantization import numerics as nx
 from pipeline.quantization import packing as pk
+from pipeline.quantization.file_info import MODEL_CLASSES, CheckpointInfo, inspect_checkpoint, quantization_config
+from pipeline.quantization.file_names import to_diffusers, to_legacy
 from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
+from pipeline.quantization.safetensors_file import TensorFile
 from pipeline.quantization.targets import Target, family_of, targets_for
 from pipeline.quantization.transform import install, modulation_fold, quantized_layers
 
-MODEL_CLASSES = {"flux": "NunchakuFluxTransformer2dModel", "qwen-image": "NunchakuQwenImageTransformer2DModel"}
-WEIGHT_DTYPES = {"int4": "int4", "nvfp4": "fp4_e2m1_all"}
-LEGACY_FIELDS = {"lora_down": "proj_down", "lora_up": "proj_up", "smooth": "smooth_factor",
-                 "smooth_orig": "smooth_factor_orig"}
-LEGACY_DOUBLE = {"qkv_proj": "attn.to_qkv", "qkv_proj_context": "attn.add_qkv_proj", "out_proj": "attn.to_out.0",
-                 "out_proj_context": "attn.to_add_out", "mlp_fc1": "ff.net.0.proj", "mlp_fc2": "ff.net.2",
-                 "mlp_context_fc1": "ff_context.net.0.proj", "mlp_context_fc2": "ff_context.net.2"}
-LEGACY_SINGLE = {"qkv_proj": "attn.to_qkv", "out_proj": "attn.to_out", "mlp_fc1": "mlp_fc1", "mlp_fc2": "mlp_fc2"}
+__all__ = ["CheckpointInfo", "default_naming", "file_layout", "file_name", "inspect_checkpoint", "load_checkpoint",
+           "save_checkpoint", "state_dict_for_file"]
+QUANTIZED_MODULES = (SVDQW4A4Linear, AWQW4A16Linear, SplitInputLinear)
 
 
 def file_name(precision: str, rank: int, model_name: str) -> str:
@@ -42,37 +39,78 @@ def file_name(precision: str, rank: int, model_name: str) -> str:
     return f"svdq-{'int4' if precision == 'int4' else 'fp4'}_r{rank}-{model_name}.safetensors"
 
 
+def default_naming(family: str) -> str:
+    """FLUX: legacy (what Nunchaku and ComfyUI-nunchaku load); Qwen-Image: its diffusers names (the only ones)."""
+    return "legacy" if family == "flux" else "diffusers"
+
+
+def flux_comfy_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The `comfy_config` metadata of a FLUX file: ComfyUI's own model class and settings, from which
+    ComfyUI-nunchaku builds the model (nodes/models/flux.py; "FluxSchnell" for a model without guidance
+    embedding, else "Flux"). ComfyUI counts latent channels before diffusers' 2x2 packing: 64 -> 16, patch 2.
+    Nunchaku's Qwen-Image files carry none (its ComfyUI loader reads only quantization_config)."""
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    channels = config.get("in_channels", 64)
+    guidance = bool(config.get("guidance_embeds", False))
+    return {"model_class": "Flux" if guidance else "FluxSchnell", "model_config": {
+        "axes_dim": list(config.get("axes_dims_rope", (16, 56, 56))),
+        "context_in_dim": config.get("joint_attention_dim", 4096), "depth": config["num_layers"],
+        "depth_single_blocks": config["num_single_layers"], "disable_unet_model_creation": True,
+        "guidance_embed": guidance, "hidden_size": heads * head_dim, "image_model": "flux",
+        "in_channels": channels // 4, "mlp_ratio": 4.0, "num_heads": heads,
+        "out_channels": (config.get("out_channels") or channels) // 4, "patch_size": 2, "qkv_bias": True,
+        "theta": 10000, "vec_in_dim": config.get("pooled_projection_dim", 768)}}
+
+
 # ---------- writing ----------
 
-def _pack_svdq(name: str, parts: list[SVDQW4A4Linear]) -> dict[str, torch.Tensor]:
+def _pack_svdq(name: str, parts: list[SVDQW4A4Linear], fused: bool, dtype16: torch.dtype) -> dict[str, torch.Tensor]:
+    """One W4A4 layer in file layout. NVFP4 as DeepCompressor writes it: a fused q/k/v layer carries its per-tensor
+    scale per output channel (`wcscales`, 16-bit), any other layer a 16-bit `wtscale` of shape (1,)."""
     first = parts[0]
 
     def cat(attr):
         ts = [getattr(p, attr) for p in parts]
         return None if ts[0] is None else torch.cat([t.cpu() for t in ts])
 
-    codes, scales, bias = cat("qweight"), cat("wscales"), cat("bias")
-    n, k = codes.shape
+    nibbles, scales, bias = cat("packed_codes"), cat("wscales"), cat("bias")
+    n, k = nibbles.shape[0], nibbles.shape[1] * 2
     pk.check_tileable(n, k, name)
     out = {
-        f"{name}.qweight": pk.pack_weight_codes(codes),
+        f"{name}.qweight": pk.pack_weight_nibbles(nibbles),
         f"{name}.wscales": pk.pack_wscales(scales, first.precision),
         f"{name}.smooth_factor": pk.pack_vector(first.smooth.cpu()),
         f"{name}.smooth_factor_orig": pk.pack_vector(first.smooth_orig.cpu()),
         f"{name}.proj_down": pk.pack_proj_down(first.proj_down.cpu()),
         f"{name}.proj_up": pk.pack_proj_up(cat("proj_up")),
     }
-    if bias is not None:
-        out[f"{name}.bias"] = pk.pack_vector(bias)
+    # every W4A4 layer carries a bias, zeros where the layer has none (DeepCompressor writes it so; Nunchaku's
+    # layers always have one, e.g. the MLP half of FLUX's split proj_out under NVFP4)
+    out[f"{name}.bias"] = pk.pack_vector(bias if bias is not None else torch.zeros(n, dtype=first.smooth.dtype))
     if first.precision == "nvfp4":
-        out[f"{name}.wcscales"] = pk.pack_vector(cat("wcscales"))
-        out[f"{name}.wtscale"] = first.wtscale.detach().cpu().float().reshape(())
+        tensor_scale = torch.cat([p.wtscale.detach().cpu().float().reshape(1).expand(p.out_features) for p in parts])
+        channel = cat("wcscales").float() if first.wcscales is not None else torch.ones(n)
+        if fused:
+            out[f"{name}.wcscales"] = pk.pack_vector(_exact(tensor_scale * channel, dtype16, f"{name}.wcscales"))
+        else:
+            scale = tensor_scale[:1]  # 16-bit as DeepCompressor writes it, unless that would round it
+            out[f"{name}.wtscale"] = scale.to(dtype16) if torch.equal(scale.to(dtype16).float(), scale) else scale
+            if not torch.equal(channel, torch.ones(n)):
+                out[f"{name}.wcscales"] = pk.pack_vector(_exact(channel, dtype16, f"{name}.wcscales"))
     return out
 
 
+def _exact(values: torch.Tensor, dtype16: torch.dtype, what: str) -> torch.Tensor:
+    """A scale the file holds in 16 bits; the quantizer made it a 16-bit value, so nothing is rounded here."""
+    stored = values.to(dtype16)
+    if not torch.equal(stored.float(), values.float()):
+        raise QuantizationError(f"{what}: the scale is not a {dtype16} value; the file would change the layer")
+    return stored
+
+
 def _file_fold(t: Target, n: int, family: str, naming: str) -> torch.Tensor:
-    """The AdaLN "+1" the file's modulation bias holds: Qwen-Image and legacy FLUX files fold it in;
-    diffusers-named FLUX files do not (the engine keeps diffusers' AdaLayerNormZero, which adds it)."""
+    """The AdaLN "+1" a file's modulation bias holds. Nunchaku's files fold it in (its FLUX and Qwen-Image blocks run
+    with scale_shift=0); this project's older diffusers-named FLUX files did not, and still load as written."""
     if family == "flux" and naming == "diffusers":
         return torch.zeros(n)
     return modulation_fold(t, n)
@@ -81,71 +119,93 @@ def _file_fold(t: Target, n: int, family: str, naming: str) -> torch.Tensor:
 def _pack_awq(name: str, layer: AWQW4A16Linear, t: Target, dtype16: torch.dtype, fold: torch.Tensor):
     s = t.mod_chunks
     return {
-        f"{name}.qweight": pk.pack_awq_codes(pk.interleave_rows(layer.qweight.cpu(), s)),
+        f"{name}.qweight": pk.pack_awq_nibbles(pk.interleave_rows(layer.packed_codes.cpu(), s)),
         f"{name}.wscales": pk.interleave_rows(layer.wscales.cpu(), s).T.contiguous(),
         f"{name}.wzeros": pk.interleave_rows(layer.wzeros.cpu(), s).T.contiguous(),
         f"{name}.bias": pk.interleave_rows(layer.bias.cpu().float() + fold, s).to(dtype16),
     }
 
 
-def _legacy_name(name: str) -> str:
-    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", name)
-    table = LEGACY_DOUBLE if m and m[1] == "transformer_blocks" else LEGACY_SINGLE
-    inverse = {v: k for k, v in table.items()}
-    return f"{m[1]}.{m[2]}.{inverse[m[3]]}" if m and m[3] in inverse else name
-
-
-def state_dict_for_file(transformer: nn.Module, *, precision: str, rank: int, naming: str = "diffusers",
+def state_dict_for_file(transformer: nn.Module, *, precision: str, naming: Optional[str] = None,
                         dtype16: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """All tensors of a quantized transformer in file layout (quantized packed, the rest as-is)."""
+    """All tensors of a quantized transformer in file layout: quantized packed, every other one in dtype16."""
+    family = family_of(transformer)
+    naming = naming or default_naming(family)
     targets = {t.name: t for t in targets_for(transformer)}
     tensors: dict[str, torch.Tensor] = {}
     for name, parts in quantized_layers(transformer).items():
+        t = targets[name]
         if isinstance(parts[0], AWQW4A16Linear):
-            t = targets[name]
-            fold = _file_fold(t, parts[0].out_features, family_of(transformer), naming)
-            packed = _pack_awq(name, parts[0], t, dtype16, fold)
+            tensors.update(_pack_awq(name, parts[0], t, dtype16, _file_fold(t, parts[0].out_features, family, naming)))
         else:
-            packed = _pack_svdq(name, parts)
-        if naming == "legacy":
-            packed = {_legacy_key(k): v for k, v in packed.items()}
-        tensors.update(packed)
-    skip = tuple(f"{p}." for p, m in transformer.named_modules()
-                 if isinstance(m, (SVDQW4A4Linear, AWQW4A16Linear, SplitInputLinear)))
+            tensors.update(_pack_svdq(name, parts, len(t.parts) > 1, dtype16))
+    skip = tuple(f"{p}." for p, m in transformer.named_modules() if isinstance(m, QUANTIZED_MODULES))
     for key, value in transformer.state_dict().items():
         if not key.startswith(skip):
-            tensors[key] = value.detach().cpu().contiguous()
+            value = value.detach().cpu()
+            tensors[key] = (value.to(dtype16) if value.is_floating_point() else value).contiguous()
+    if naming == "legacy":
+        tensors = {to_legacy(k): v for k, v in tensors.items()}
     return tensors
 
 
-def _legacy_key(key: str) -> str:
-    module, _, fld = key.rpartition(".")
-    inverse_fields = {v: k for k, v in LEGACY_FIELDS.items()}
-    return f"{_legacy_name(module)}.{inverse_fields.get(fld, fld)}"
+def file_layout(transformer: nn.Module, *, precision: str, rank: int, naming: Optional[str] = None,
+                dtype16: torch.dtype = torch.bfloat16) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every tensor a file for this transformer holds, from module shapes alone (the
+    transformer may be on the meta device): what `state_dict_for_file` writes and `load_checkpoint` reads. The AdaLN
+    modulation counts as AWQ, as in every file Nunchaku publishes."""
+    family = family_of(transformer)
+    naming = naming or default_naming(family)
+    group = nx.group_size(precision)
+    scale_dtype = dtype16 if precision == "int4" else torch.float8_e4m3fn
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    replaced: set[str] = set()
+    for t in targets_for(transformer):
+        n, k = target_shape(transformer, t)
+        replaced.update(t.parts)
+        if t.kind == "awq":
+            fields = {"qweight": ((n // 4, k // 2), torch.int32), "wscales": ((k // nx.INT4_GROUP, n), dtype16),
+                      "wzeros": ((k // nx.INT4_GROUP, n), dtype16), "bias": ((n,), dtype16)}
+        else:
+            fields = {"qweight": ((n, k // 2), torch.int8), "wscales": ((k // group, n), scale_dtype),
+                      "smooth_factor": ((k,), dtype16), "smooth_factor_orig": ((k,), dtype16),
+                      "proj_down": ((k, rank), dtype16), "proj_up": ((n, rank), dtype16), "bias": ((n,), dtype16)}
+            if precision == "nvfp4":
+                fields.update({"wcscales": ((n,), dtype16)} if len(t.parts) > 1 else {"wtscale": ((1,), dtype16)})
+        layout.update({f"{t.name}.{f}": v for f, v in fields.items()})
+    skip = tuple(f"{p}." for p in replaced)
+    for key, value in transformer.state_dict().items():
+        if not key.startswith(skip):
+            layout[key] = (tuple(value.shape), dtype16 if value.is_floating_point() else value.dtype)
+    if naming == "legacy":
+        layout = {to_legacy(k): v for k, v in layout.items()}
+    return layout
 
 
 def save_checkpoint(transformer: nn.Module, path: str | Path, *, precision: str, rank: int, act_unsigned: bool,
-                    model_name: str, naming: str = "diffusers", dtype16: torch.dtype = torch.bfloat16,
+                    model_name: str, naming: Optional[str] = None, dtype16: torch.dtype = torch.bfloat16,
                     extra: Optional[dict[str, Any]] = None) -> Path:
-    """Write the quantized transformer to `path` atomically (temp file + rename)."""
+    """Write the quantized transformer to `path` atomically (temp file + rename), with Nunchaku's metadata."""
     from safetensors.torch import save_file
 
     from pipeline import __version__
 
-    if naming == "legacy" and family_of(transformer) != "flux":
-        raise QuantizationError("the legacy naming scheme exists only for FLUX files; use naming=diffusers")
+    family = family_of(transformer)
+    naming = naming or default_naming(family)
+    if naming == "legacy" and family != "flux":
+        raise QuantizationError("the legacy naming scheme exists only for FLUX files; use quantization.naming=diffusers")
     path = Path(path)
-    group = nx.group_size(precision)
-    spec = {"dtype": WEIGHT_DTYPES[precision], "scale_dtype": "float8_e4m3fn" if precision == "nvfp4" else str(dtype16).removeprefix("torch."), "group_size": group}
+    config = json.loads(transformer.to_json_string()) if hasattr(transformer, "to_json_string") else {}
     metadata = {
-        "config": transformer.to_json_string() if hasattr(transformer, "to_json_string") else "{}",
-        "model_class": MODEL_CLASSES[family_of(transformer)],
-        "quantization_config": json.dumps({"method": "svdquant", "weight": spec, "activation": spec, "rank": rank}),
-        "svdq_batch": json.dumps({"format_version": 1, "created_by": f"svdq-batch {__version__}", "model": model_name,
+        "config": json.dumps(config),
+        **({"comfy_config": json.dumps(flux_comfy_config(config), indent=2, sort_keys=True)} if family == "flux" else {}),
+        "model_class": MODEL_CLASSES[family],
+        "quantization_config": json.dumps(quantization_config(precision, rank)),
+        "svdq_batch": json.dumps({"format_version": 2, "created_by": f"svdq-batch {__version__}", "model": model_name,
                                   "precision": precision, "rank": rank, "act_unsigned": act_unsigned,
                                   "naming": naming, **(extra or {})}),
     }
-    tensors = state_dict_for_file(transformer, precision=precision, rank=rank, naming=naming, dtype16=dtype16)
+    tensors = state_dict_for_file(transformer, precision=precision, naming=naming, dtype16=dtype16)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
     umask = os.umask(0)
@@ -157,135 +217,89 @@ def save_checkpoint(transformer: nn.Module, path: str | Path, *, precision: str,
 
 # ---------- reading ----------
 
-@dataclass
-class CheckpointInfo:
-    path: str
-    precision: str
-    rank: int
-    naming: str
-    model_class: Optional[str]
-    act_unsigned: Optional[bool]
-    metadata_precision: Optional[str] = None
-    metadata_rank: Optional[int] = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-def _open(path: Path):
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise QuantizationError(f"quantization.path={path}: no such file. Point it at an svdq-*.safetensors file.")
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for truncated/invalid files
-        raise QuantizationError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-
-
-def _normalize_key(key: str, naming: str) -> str:
-    if naming != "legacy":
-        return key
-    module, _, fld = key.rpartition(".")
-    fld = LEGACY_FIELDS.get(fld, fld)
-    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$", module)
-    if m:
-        table = LEGACY_DOUBLE if m[1] == "transformer_blocks" else LEGACY_SINGLE
-        module = f"{m[1]}.{m[2]}.{table.get(m[3], m[3])}"
-    return f"{module}.{fld}"
-
-
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Precision, rank and naming from the header and the tensors themselves (no weights loaded)."""
-    path = Path(path)
-    with _open(path) as f:
-        meta = f.metadata() or {}
-        keys = list(f.keys())
-        naming = "legacy" if any(k.endswith((".lora_down", ".smooth")) for k in keys) else "diffusers"
-        down = [k for k in keys if k.endswith((".proj_down", ".lora_down"))]
-        if not down:
-            raise QuantizationError(f"{path}: no SVDQuant layers (no '*.proj_down' or '*.lora_down' tensors): "
-                                    "this is not a Nunchaku svdq-* file")
-        rank = f.get_slice(down[0]).get_shape()[1]
-        scales = [k for k in keys if k.endswith(".wscales") and k.replace(".wscales", ".wzeros") not in keys]
-        dtype = f.get_slice(scales[0]).get_dtype() if scales else ""
-        precision = "nvfp4" if ("F8" in dtype or any(k.endswith(".wtscale") for k in keys)) else "int4"
-    qc = _json(meta.get("quantization_config"))
-    ours = _json(meta.get("svdq_batch"))
-    meta_precision = None
-    if qc.get("weight", {}).get("dtype"):
-        meta_precision = "nvfp4" if "fp4" in qc["weight"]["dtype"] else "int4"
-    meta_rank = qc.get("rank")
-    return CheckpointInfo(str(path), precision, int(rank), naming, meta.get("model_class"),
-                          ours.get("act_unsigned"), meta_precision, meta_rank)
-
-
-def _json(text: Optional[str]) -> dict:
-    try:
-        return json.loads(text) if text else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 class _Reader:
+    """The file's tensors under this project's names, each read once, in the order asked for (plain reads: the
+    process holds only the tensors it keeps, safetensors_file.py)."""
+
     def __init__(self, path: Path, naming: str):
-        self.path, self.f = path, _open(path)
-        self.keys = {_normalize_key(k, naming): k for k in self.f.keys()}
+        self.path = path
+        try:
+            self.f = TensorFile(path)
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise QuantizationError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        self.keys = {(to_diffusers(k) if naming == "legacy" else k): k for k in self.f.keys()}
+        self.file_name = to_legacy if naming == "legacy" else str  # a key as the file would name it
         self.used: set[str] = set()
 
     def has(self, key: str) -> bool:
         return key in self.keys
 
-    def get(self, key: str, shape: Optional[tuple] = None, what: str = "") -> torch.Tensor:
+    def get(self, key: str, shape: Optional[tuple] = None, what: str = "", rows_at_least: bool = False,
+            staged: bool = False) -> torch.Tensor:
+        """The tensor under our name; `staged`: valid only until the next staged read (see TensorFile)."""
         if key not in self.keys:
-            raise QuantizationError(f"{self.path}: missing tensor '{key}'{what}; the file does not match this model")
-        t = self.f.get_tensor(self.keys[key])
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise QuantizationError(f"{self.path}: tensor '{key}' has shape {tuple(t.shape)}, expected "
+            raise QuantizationError(f"{self.path}: missing tensor '{self.file_name(key)}'{what}; "
+                                    "the file does not match this model")
+        t = self.f.get_tensor(self.keys[key], staged)
+        if shape is not None and not _fits(tuple(t.shape), tuple(shape), rows_at_least):
+            raise QuantizationError(f"{self.path}: tensor '{self.keys[key]}' has shape {tuple(t.shape)}, expected "
                                     f"{tuple(shape)}{what}")
         self.used.add(key)
         return t
 
     def unused(self) -> list[str]:
-        return sorted(k for k in self.keys if k not in self.used)
+        return sorted(self.keys[k] for k in self.keys if k not in self.used)
+
+
+def _fits(found: tuple, expected: tuple, rows_at_least: bool) -> bool:
+    if rows_at_least:  # TinyChat pads AWQ scale rows (groups) up; the extra rows are zeros
+        return len(found) == len(expected) and found[0] >= expected[0] and found[1:] == expected[1:]
+    return found == expected
+
+
+def target_shape(transformer: nn.Module, t: Target) -> tuple[int, int]:
+    """(N, K) of the layer a target quantizes, from module attributes alone (works on the meta device)."""
+    mods = [transformer.get_submodule(p) for p in t.parts]
+    n = sum(m.out_features for m in mods)
+    k = (t.cols[1] - t.cols[0]) if t.cols else mods[0].in_features
+    return n, k
+
+
+def _home_device(transformer: nn.Module) -> torch.device:
+    devices = {p.device for p in transformer.parameters() if p.device.type != "meta"}
+    return next(iter(devices)) if devices else torch.device("cpu")
 
 
 def load_checkpoint(transformer: nn.Module, path: str | Path, info: CheckpointInfo, *, act_unsigned: bool) -> list[str]:
-    """Replace the transformer's target layers with the file's and load every other tensor; returns names."""
-    from pipeline.quantization.transform import get_module, target_weight
+    """Install the file's quantized layers and every other tensor into `transformer`; returns the layer names.
 
+    The transformer may be built on the meta device (accelerate's init_empty_weights): every tensor it needs then
+    comes from the file, in the dtype the transformer was built with; any tensor the file lacks is an error."""
     path = Path(path)
     reader = _Reader(path, info.naming)
     precision, rank = info.precision, info.rank
     group = nx.group_size(precision)
-    device = next(transformer.parameters()).device
+    device = _home_device(transformer)
+    family = family_of(transformer)
     # FLUX files may hold the AdaLN modulation as AWQ W4A16 or in 16 bits: the file decides.
     targets = [t for t in targets_for(transformer) if not t.optional or reader.has(f"{t.name}.qweight")]
     replaced: set[str] = set()
     pending: dict = {}
     loaded = []
     for t in targets:
-        w, b = target_weight(transformer, t)
-        n, k = w.shape
+        n, k = target_shape(transformer, t)
         what = f" (layer {t.name}: {n}x{k}, rank {rank}, {precision})"
         if t.kind == "awq":
-            layer = _read_awq(reader, t, n, k, what, _file_fold(t, n, family_of(transformer), info.naming))
+            layer = _read_awq(reader, t, n, k, what, _file_fold(t, n, family, info.naming))
         else:
             layer = _read_svdq(reader, t, n, k, rank, precision, group, what,
                                unsigned=act_unsigned and t.after_gelu and precision == "int4")
         install(transformer, t, layer.to(device), pending)
         replaced.update(t.parts)
         loaded.append(t.name)
-    skip = tuple(f"{p}." for p in replaced)
-    for key, param in transformer.state_dict().items():
-        if key.startswith(skip) or _is_quantized_buffer(transformer, key):
-            continue
-        value = reader.get(key, tuple(param.shape), " (16-bit tensor of the base transformer)")
-        get_param = _param_ref(transformer, key)
-        with torch.no_grad():
-            get_param.copy_(value.to(get_param.dtype))
+    _load_16bit(transformer, reader, tuple(f"{p}." for p in replaced))
     extra = reader.unused()
+    reader.f.close()
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
         raise QuantizationError(f"{path}: {len(extra)} tensor(s) this model has no place for: {shown}. "
@@ -293,20 +307,26 @@ def load_checkpoint(transformer: nn.Module, path: str | Path, info: CheckpointIn
     return loaded
 
 
-def _is_quantized_buffer(transformer: nn.Module, key: str) -> bool:
-    module = transformer.get_submodule(key.rpartition(".")[0]) if "." in key else transformer
-    return isinstance(module, (SVDQW4A4Linear, AWQW4A16Linear, SplitInputLinear))
-
-
-def _param_ref(transformer: nn.Module, key: str) -> torch.Tensor:
-    module_path, _, leaf = key.rpartition(".")
-    module = transformer.get_submodule(module_path) if module_path else transformer
-    return getattr(module, leaf)
+def _load_16bit(transformer: nn.Module, reader: _Reader, skip: tuple[str, ...]) -> None:
+    """Every tensor outside the quantized layers, from the file, in the dtype the transformer holds it in."""
+    device = _home_device(transformer)
+    for key, current in transformer.state_dict(keep_vars=True).items():
+        module_path, _, leaf = key.rpartition(".")
+        module = transformer.get_submodule(module_path) if module_path else transformer
+        if key.startswith(skip) or isinstance(module, QUANTIZED_MODULES):
+            continue
+        value = reader.get(key, tuple(current.shape), " (16-bit tensor of the base transformer)")
+        value = value.to(device=device, dtype=current.dtype)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[leaf] = value
+        del value
 
 
 def _read_svdq(r: _Reader, t: Target, n, k, rank, precision, group, what, unsigned: bool) -> SVDQW4A4Linear:
     p = t.name
-    codes = pk.unpack_weight_codes(r.get(f"{p}.qweight", (n, k // 2), what), signed=precision == "int4")
+    nibbles = pk.unpack_weight_nibbles(r.get(f"{p}.qweight", (n, k // 2), what, staged=True))
     scales = pk.unpack_wscales(r.get(f"{p}.wscales", (k // group, n), what), precision)
     smooth = pk.unpack_vector(r.get(f"{p}.smooth_factor", (k,), what))
     orig = pk.unpack_vector(r.get(f"{p}.smooth_factor_orig", (k,), what)) if r.has(f"{p}.smooth_factor_orig") else None
@@ -314,19 +334,26 @@ def _read_svdq(r: _Reader, t: Target, n, k, rank, precision, group, what, unsign
     up = pk.unpack_proj_up(r.get(f"{p}.proj_up", (n, rank), what))
     bias = pk.unpack_vector(r.get(f"{p}.bias", (n,), what)) if r.has(f"{p}.bias") else None
     extra = {}
-    if precision == "nvfp4":
-        extra = {"wcscales": pk.unpack_vector(r.get(f"{p}.wcscales", (n,), what)),
-                 "wtscale": r.get(f"{p}.wtscale", None, what).float().reshape(())}
-    return SVDQW4A4Linear(precision=precision, qweight=codes, wscales=scales, smooth=smooth, smooth_orig=orig,
+    if precision == "nvfp4":  # either may be absent (Nunchaku: wcscales -> ones, wtscale -> 1)
+        wcscales = (pk.unpack_vector(r.get(f"{p}.wcscales", (n,), what)) if r.has(f"{p}.wcscales")
+                    else torch.ones(n, dtype=smooth.dtype))
+        wtscale = torch.tensor(1.0)
+        if r.has(f"{p}.wtscale"):
+            wtscale = r.get(f"{p}.wtscale", None, what).float()
+            if wtscale.numel() != 1:
+                raise QuantizationError(f"{r.path}: tensor '{r.keys[f'{p}.wtscale']}' has shape "
+                                        f"{tuple(wtscale.shape)}, expected () or (1,){what}")
+        extra = {"wcscales": wcscales, "wtscale": wtscale.reshape(())}
+    return SVDQW4A4Linear(precision=precision, packed_codes=nibbles, wscales=scales, smooth=smooth, smooth_orig=orig,
                           proj_down=down, proj_up=up, bias=bias, act_unsigned=unsigned,
                           act_shift=nx.GELU_SHIFT if unsigned else 0.0, ckpt_name=p, **extra)
 
 
 def _read_awq(r: _Reader, t: Target, n, k, what, fold: torch.Tensor) -> AWQW4A16Linear:
     p, s = t.name, t.mod_chunks
-    codes = pk.deinterleave_rows(pk.unpack_awq_codes(r.get(f"{p}.qweight", (n // 4, k // 2), what)), s)
+    nibbles = pk.deinterleave_rows(pk.unpack_awq_nibbles(r.get(f"{p}.qweight", (n // 4, k // 2), what, staged=True)), s)
     groups = k // nx.INT4_GROUP
-    scales = pk.deinterleave_rows(r.get(f"{p}.wscales", (groups, n), what).T.contiguous(), s)
-    zeros = pk.deinterleave_rows(r.get(f"{p}.wzeros", (groups, n), what).T.contiguous(), s)
+    scales = pk.deinterleave_rows(r.get(f"{p}.wscales", (groups, n), what, rows_at_least=True)[:groups].T.contiguous(), s)
+    zeros = pk.deinterleave_rows(r.get(f"{p}.wzeros", (groups, n), what, rows_at_least=True)[:groups].T.contiguous(), s)
     bias = pk.deinterleave_rows(r.get(f"{p}.bias", (n,), what).float(), s) - fold
-    return AWQW4A16Linear(qweight=codes, wscales=scales, wzeros=zeros, bias=bias, ckpt_name=p)
+    return AWQW4A16Linear(packed_codes=nibbles, wscales=scales, wzeros=zeros, bias=bias, ckpt_name=p)

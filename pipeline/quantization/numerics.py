@@ -20,6 +20,7 @@ E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
 GELU_SHIFT = 0.171875  # tanh-GELU's minimum is about -0.17: shifted inputs are >= 0, so unsigned
 MAX_GEMM_CHUNK = 4096  # rows of activations per reference GEMM chunk (bounds CPU memory)
+MAX_DOT_ELEMENTS = 1 << 26  # per chunk, the (groups, rows, N) fp32 group dots held at once (256 MiB)
 
 
 def group_size(precision: str) -> int:
@@ -72,11 +73,14 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 8) > 0, -values, values)
 
 
-def quantize_nvfp4_weight(w: torch.Tensor):
-    """(N, K) -> codes uint8 (N, K), group scales float8_e4m3fn (N, K/16), per-tensor scale (fp32 scalar)."""
+def quantize_nvfp4_weight(w: torch.Tensor, tensor_scale_dtype: torch.dtype = torch.bfloat16):
+    """(N, K) -> codes uint8 (N, K), group scales float8_e4m3fn (N, K/16), per-tensor scale (fp32 scalar).
+
+    The per-tensor scale is a value of `tensor_scale_dtype`: Nunchaku files store it 16-bit (`wtscale` (1,), or
+    folded into the fused q/k/v layers' per-channel `wcscales`), so what is quantized here is what a file holds."""
     wg = _groups(w.float(), NVFP4_GROUP)
     group_scale = wg.abs().amax(-1) / 6.0
-    tensor_scale = group_scale.max() / FP8_MAX
+    tensor_scale = (group_scale.max() / FP8_MAX).to(tensor_scale_dtype).float()
     tensor_scale = torch.where(tensor_scale > 0, tensor_scale, torch.ones_like(tensor_scale))
     scales = (group_scale / tensor_scale).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     eff = (scales.float() * tensor_scale).unsqueeze(-1)
@@ -109,10 +113,12 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     """Inverse of pack_nibbles: int8 codes in [-8, 7] if signed, else uint8 in [0, 15]."""
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    if signed:
-        return (codes.to(torch.int16) - ((codes >= 8).to(torch.int16) << 4)).to(torch.int8)
-    return codes
+    if signed:  # arithmetic shifts of the bytes as int8 sign-extend each nibble
+        as_int8 = packed.view(torch.int8)
+        pair = (torch.bitwise_left_shift(as_int8, 4) >> 4, as_int8 >> 4)
+    else:
+        pair = (packed & 0xF, packed >> 4)
+    return torch.stack(pair, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 # ---------- shared ----------
@@ -138,20 +144,35 @@ def quantize_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype = 
     if precision == "int4":
         codes, scales = quantize_int4_weight(w, scale_dtype)
         return codes, scales, None
-    return quantize_nvfp4_weight(w)
+    return quantize_nvfp4_weight(w, scale_dtype)
 
 
 def w4a4_matmul(a_codes, a_scales, w_codes, w_scales, precision: str) -> torch.Tensor:
-    """Σ_g (A_g · W_gᵀ) * (s_a,g ⊗ s_w,g), groups accumulated in K order in fp32 -> (M, N) fp32."""
+    """Σ_g (A_g · W_gᵀ) * (s_a,g ⊗ s_w,g), groups accumulated in K order in fp32 -> (M, N) fp32.
+
+    Each group's code dot product is exact in fp32 (small integers or half-integers), so all groups' dots come
+    from one batched matmul; only the scaled accumulation runs group by group, in K order."""
     g = group_size(precision)
-    w_vals = _groups(decode(w_codes, precision), g)  # (N, G, g)
-    ws = w_scales.float()  # (N, G)
+    n, groups = w_codes.shape[0], w_codes.shape[1] // g
+    ws = w_scales.float().T  # (G, N)
+    rows = max(1, min(MAX_GEMM_CHUNK, MAX_DOT_ELEMENTS // max(1, groups * n)))
     out = []
-    for start in range(0, a_codes.shape[0], MAX_GEMM_CHUNK):
-        a_vals = _groups(decode(a_codes[start : start + MAX_GEMM_CHUNK], precision), g)  # (m, G, g)
-        a_s = a_scales[start : start + MAX_GEMM_CHUNK].float()
-        acc = torch.zeros(a_vals.shape[0], w_vals.shape[0], device=a_vals.device)
-        for k in range(w_vals.shape[1]):
-            acc += (a_vals[:, k] @ w_vals[:, k].T) * (a_s[:, k, None] * ws[None, :, k])
+    for start in range(0, a_codes.shape[0], rows):
+        a_part = a_codes[start : start + rows]
+        dots = _group_dots(a_part, w_codes, precision, g)  # (G, m, N), exact
+        a_s = a_scales[start : start + rows].float()
+        acc = torch.zeros(a_part.shape[0], n, device=a_part.device)
+        for k in range(groups):
+            acc += dots[k] * (a_s[:, k, None] * ws[None, k])
         out.append(acc)
-    return torch.cat(out) if out else torch.zeros(0, w_vals.shape[0], device=w_vals.device)
+    return torch.cat(out) if out else torch.zeros(0, n, device=w_codes.device)
+
+
+def _group_dots(a_codes: torch.Tensor, w_codes: torch.Tensor, precision: str, g: int) -> torch.Tensor:
+    """Every group's code dot product, (G, m, N) in fp32; exact whichever way it is computed. INT4 on the CPU: int8
+    codes through int32 matmuls (no fp32 copy of the weight: 4x less memory traffic); elsewhere one fp32 bmm."""
+    if precision == "int4" and a_codes.device.type == "cpu":
+        return torch.stack([torch._int_mm(a_codes[:, k : k + g], w_codes[:, k : k + g].t())
+                            for k in range(0, w_codes.shape[1], g)]).float()
+    w_vals = _groups(decode(w_codes, precision), g).permute(1, 2, 0)  # (G, g, N)
+    return torch.bmm(_groups(decode(a_codes, precision), g).transpose(0, 1), w_vals)

@@ -41,21 +41,37 @@ def check_tileable(n: int, k: int, what: str) -> None:
                          f"{2 * K_TILE} for Nunchaku's tile layout")
 
 
-def _weight_view(n: int, k: int) -> tuple[int, ...]:
-    return (n // WARP_N, 8, 2, 8, 1, k // K_TILE, 1, 2, 4, 8)
+def _word_view(n: int, k: int) -> tuple[int, ...]:
+    """The weight layout over 32-bit words: reg_k (8 consecutive k codes) is the word itself."""
+    return (n // WARP_N, 8, 2, 8, 1, k // K_TILE, 1, 2, 4)
+
+
+_WORD_PERM = _W_PERM[:-1]
+
+
+def pack_weight_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """Codes held two per byte along K (numerics.pack_nibbles, as the layers hold them) -> the file's int8
+    (N, K/2). A file word holds 8 consecutive k codes, code i at bits 4i: as little-endian bytes that is exactly
+    the two-per-byte layout, so packing permutes whole 32-bit words and never touches a nibble."""
+    n, half = nibbles.shape
+    words = nibbles.contiguous().view(torch.int32)
+    return _permute(words, _word_view(n, half * 2), _WORD_PERM).view(torch.int8).reshape(n, half)
+
+
+def unpack_weight_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The file's int8 (N, K/2) -> codes two per byte along K (uint8 (N, K/2)), the inverse of pack_weight_nibbles."""
+    n, half = packed.shape
+    words = packed.contiguous().view(torch.int32)
+    return _unpermute(words, _word_view(n, half * 2), _WORD_PERM, (n, half // 4)).view(torch.uint8)
 
 
 def pack_weight_codes(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes (N, K) -> int8 (N, K/2): tile order, 8 codes per little-endian 32-bit word."""
-    n, k = codes.shape
-    runs = _permute(codes, _weight_view(n, k), _W_PERM).reshape(-1, 8)
-    return pack_nibbles(runs).reshape(n, k // 2).view(torch.int8)  # code i at bits 4i of the word
+    return pack_weight_nibbles(pack_nibbles(codes))
 
 
 def unpack_weight_codes(packed: torch.Tensor, signed: bool) -> torch.Tensor:
-    n, half = packed.shape
-    runs = unpack_nibbles(packed.contiguous().view(torch.uint8).reshape(-1, 4), signed)
-    return _unpermute(runs, _weight_view(n, half * 2), _W_PERM, (n, half * 2))
+    return unpack_nibbles(unpack_weight_nibbles(packed), signed)
 
 
 def _scale_layout(n: int, groups: int, precision: str):
@@ -138,22 +154,41 @@ def unpack_proj_up(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ---------- AWQ W4A16 (modulation layers) ----------
-# qweight int32 (N/4, K/2): each word holds 4 output rows x 2 consecutive k codes (row-major in the
-# word, code i at bits 4i). This in-word order is our reading of the engine, not checked on real files.
+# TinyChat's `pack_w4`, which DeepCompressor's Nunchaku writer uses and the engine's GEMV reads: in each row,
+# every run of 32 input channels is one group of 8 16-bit words; word i holds channels i, i+8, i+16, i+24 of the
+# run in nibbles 0..3. Rows then interleave by four per 64-channel group: the (N, K/4) words viewed
+# (N/4, 4, K/64, 16) are stored (N/4, K/64, 4, 16), i.e. int32 (N/4, K/2).
+
+def pack_awq_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 held two per byte (uint8 (N, K/2)) -> the file's int32 (N/4, K/2)."""
+    codes = unpack_nibbles(nibbles, signed=False)
+    n, k = codes.shape
+    runs = codes.reshape(n, k // 32, 4, 8).transpose(2, 3)  # (row, run, word i, nibble j): channel 32·run + 8j + i
+    words = (runs[..., 0::2] | (runs[..., 1::2] << 4)).reshape(n, k // 2).view(torch.int16)  # little-endian words
+    grouped = words.reshape(n // 4, 4, k // 64, 16).transpose(1, 2).contiguous()
+    return grouped.view(torch.int32).reshape(n // 4, k // 2)
+
+
+def unpack_awq_nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """The file's int32 (N/4, K/2) -> codes 0..15 held two per byte (uint8 (N, K/2)). Channels 2p and 2p+1 of a
+    run's eighth j sit at nibble j of words 2p and 2p+1, so each of our bytes joins one nibble of two words."""
+    rows4, half = qweight.shape
+    n, k = rows4 * 4, half * 2
+    words = qweight.contiguous().view(torch.int16).reshape(rows4, k // 64, 4, 16).transpose(1, 2)
+    words = words.reshape(n, k // 32, 4, 2)  # (row, run, pair p, even/odd word)
+    even, odd = words[..., 0], words[..., 1]
+    out = torch.empty(n, k // 32, 4, 4, dtype=torch.uint8)  # (row, run, eighth j, pair p)
+    for j in range(4):
+        out[:, :, j] = (((even >> 4 * j) & 0xF) | (((odd >> 4 * j) & 0xF) << 4)).to(torch.uint8)
+    return out.reshape(n, k // 2)
+
 
 def pack_awq_codes(codes: torch.Tensor) -> torch.Tensor:
-    n, k = codes.shape
-    runs = _permute(codes.to(torch.int64) & 0xF, (n // 4, 4, k // 2, 2), (0, 2, 1, 3)).reshape(n // 4, k // 2, 8)
-    words = sum(runs[..., i] << (4 * i) for i in range(8))
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    return pack_awq_nibbles(pack_nibbles(codes))
 
 
 def unpack_awq_codes(packed: torch.Tensor) -> torch.Tensor:
-    rows4, half = packed.shape
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    runs = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
-    return _unpermute(runs.to(torch.uint8), (rows4, 4, half, 2), (0, 2, 1, 3), (rows4 * 4, half * 2))
+    return unpack_nibbles(unpack_awq_nibbles(packed), signed=False)
 
 
 def interleave_rows(t: torch.Tensor, chunks: int) -> torch.Tensor:

@@ -146,10 +146,11 @@ def reconcile(plan: QuantPlan, info, force: bool) -> QuantPlan:
     plan.detected = {"filename": plan.detected, "metadata": {"precision": info.metadata_precision,
                      "rank": info.metadata_rank, "act_unsigned": info.act_unsigned}, "tensors": found}
     conflicts = []
-    for source, said in (("file name", plan.detected["filename"]), ("file header", plan.detected["metadata"])):
-        for key in ("precision", "rank"):
-            if said.get(key) is not None and said[key] != found[key]:
-                conflicts.append(f"the {source} says {key}={said[key]} but the tensors are {key}={found[key]}")
+    for key in ("precision", "rank"):
+        said = plan.detected["filename"].get(key)
+        if said is not None and said != found[key]:
+            conflicts.append(f"the file name says {key}={said} but the tensors are {key}={found[key]}")
+    conflicts += info.problems  # inside the file: metadata vs tensors (precision, rank, block counts)
     for key in ("precision", "rank"):
         if key in plan.requested and plan.requested[key] != found[key]:
             conflicts.append(f"quantization.{key}={plan.requested[key]} is set but the file's tensors are "

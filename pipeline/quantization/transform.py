@@ -91,7 +91,7 @@ def slice_rows(layer: SVDQW4A4Linear, start: int, stop: int) -> SVDQW4A4Linear:
         return None if t is None else t[start:stop]
 
     return SVDQW4A4Linear(
-        precision=layer.precision, qweight=rows(layer.qweight), wscales=rows(layer.wscales),
+        precision=layer.precision, packed_codes=rows(layer.packed_codes), wscales=rows(layer.wscales),
         smooth=layer.smooth, smooth_orig=layer.smooth_orig, proj_down=layer.proj_down,
         proj_up=rows(layer.proj_up), bias=rows(layer.bias), wtscale=layer.wtscale,
         wcscales=rows(layer.wcscales), act_unsigned=layer.act_unsigned, act_shift=layer.act_shift,
@@ -123,7 +123,18 @@ def quantize_model(transformer: nn.Module, targets: list[Target], stats: dict[st
         reports.append(report)
         if on_layer:
             on_layer(i + 1, len(targets), report)
+    round_unquantized_(transformer, dtype16)
     return reports
+
+
+def round_unquantized_(transformer: nn.Module, dtype16: torch.dtype) -> None:
+    """Round every tensor outside the quantized layers to a dtype16 value (its dtype unchanged): a file holds them in
+    16 bits, so the quantized model evaluated in-process is exactly the one its file reproduces."""
+    quantized = tuple(f"{p}." for p, m in transformer.named_modules() if isinstance(m, QUANTIZED_TYPES + (SplitInputLinear,)))
+    with torch.no_grad():
+        for key, t in transformer.state_dict(keep_vars=True).items():
+            if not key.startswith(quantized) and t.is_floating_point() and t.dtype != dtype16:
+                t.copy_(t.to(dtype16))
 
 
 def quantized_layers(transformer: nn.Module) -> dict[str, list[nn.Module]]:
