@@ -25,7 +25,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$OUT/gpu.txt" 2>&1
 status=0
 GPU_TESTS="tests/test_kernels.py tests/test_rope_kernel.py tests/test_norm_kernel.py tests/test_gated_epilogue.py
-  tests/test_joint_qkv.py tests/test_joined_streams.py tests/test_numerics.py"
+  tests/test_joint_qkv.py tests/test_joined_streams.py tests/test_numerics.py tests/test_kernel_selfcheck.py"
 for part in "$@"; do
   case "$part" in
     tests) timeout -s INT -k 15 "${LIMIT_S:-570}" \

@@ -75,10 +75,11 @@ def joint_projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: 
     return qkv[:, :text].chunk(3, dim=-1), qkv[:, text:].chunk(3, dim=-1), qkv.chunk(3, dim=-1)[2]
 
 
-def _runs_here(x: torch.Tensor) -> bool:
-    from pipeline.kernels.dispatch import plain_kernels
+def _runs_here(x: torch.Tensor, spec: tuple[float, bool], paired: bool, weight: Optional[torch.Tensor]) -> bool:
+    """Whether the q/k kernel runs for this call (norm_args' spec, table kind, norm weights or none)."""
+    from pipeline.kernels.dispatch import plain_kernels, rope_config
 
-    return plain_kernels(x.device)
+    return plain_kernels(x.device, rope_config(spec[1], paired, weight is not None, x.dtype))
 
 
 class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
@@ -94,7 +95,7 @@ class FusedRopeFluxAttnProcessor(FluxAttnProcessor):
         norms = (attn.norm_q, attn.norm_k) + ((attn.norm_added_q, attn.norm_added_k) if joint else ())
         spec = norm_args(norms, hidden_states.dtype, attn.head_dim)
         if (spec is None or image_rotary_emb is None or self._parallel_config is not None or attn.training
-                or not _runs_here(hidden_states)):
+                or not _runs_here(hidden_states, spec, False, attn.norm_q.weight)):
             out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
             if encoder_hidden_states is None:
                 return out
@@ -156,7 +157,8 @@ def qwen_attention(processor: QwenDoubleStreamAttnProcessor2_0, attn, img: tuple
     norms = (attn.norm_added_q, attn.norm_added_k, attn.norm_q, attn.norm_k)
     spec = norm_args(norms, hidden_states.dtype, head_dim) if all(n is not None for n in norms) else None
     img_freqs, txt_freqs = image_rotary_emb
-    if spec is None or img_freqs.dim() != 2 or txt_freqs.dim() != 2 or not _runs_here(hidden_states):
+    if (spec is None or img_freqs.dim() != 2 or txt_freqs.dim() != 2
+            or not _runs_here(hidden_states, spec, True, attn.norm_q.weight)):
         return None
     from pipeline.kernels import ops
 

@@ -36,9 +36,9 @@ def gelu_mlp(x: torch.Tensor, fc1: SVDQW4A4Linear, fc2: SVDQW4A4Linear, residual
              gate: Optional[torch.Tensor] = None, gated_residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fc2(gelu_tanh(fc1(x))) [+ residual, added before fc2's rounding] [then gated_residual + gate · that, in
     fc2's epilogue]; fc1 and fc2 are INT4 W4A4 layers (install_fused_mlp swaps in the fused forwards only then)."""
-    from pipeline.kernels.dispatch import int4_dot
+    from pipeline.kernels.dispatch import gelu_mlp_config, int4_dot
 
-    mode = int4_dot(x.device)
+    mode = int4_dot(x.device, gelu_mlp_config(fc1, fc2, x.dtype, residual is not None, gate is not None))
     if mode is not None:
         from pipeline.kernels import ops
 

@@ -23,10 +23,10 @@ def modulate(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor, shift: torch
              use_kernel: bool = True) -> torch.Tensor:
     """norm(x)·(1 + scale) + shift: one kernel where it runs (use_kernel, a LayerNorm without affine, 16-bit
     or fp32 activations of one dtype), else diffusers' three ops."""
-    from pipeline.kernels.dispatch import plain_kernels
+    from pipeline.kernels.dispatch import adaln_config, plain_kernels
 
     if (use_kernel and type(norm) is nn.LayerNorm and not norm.elementwise_affine and x.dim() == 3
-            and scale.dtype == x.dtype and plain_kernels(x.device)):
+            and scale.dtype == x.dtype and plain_kernels(x.device, adaln_config(x.dtype))):
         from pipeline.kernels import ops
 
         return ops.adaln_modulate(x, scale, shift, float(norm.eps))
