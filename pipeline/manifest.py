@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 from pipeline.config.schema import check_generation_values
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 INT_FIELDS = ("seed", "steps", "height", "width", "num_images")
 FLOAT_FIELDS = ("guidance", "true_cfg_scale")
 STR_FIELDS = ("id", "negative_prompt")
@@ -33,6 +35,15 @@ FORMATS = {
     ".yaml": "yaml",
     ".yml": "yaml",
 }
+
+
+def resolve_manifest_path(manifest: str) -> Path:
+    """Relative paths are tried against the working directory, then the project root."""
+    p = Path(manifest).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    fallback = PROJECT_ROOT / p
+    return fallback if fallback.exists() else p
 
 
 @dataclass(frozen=True)

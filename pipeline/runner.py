@@ -14,34 +14,27 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from pipeline.config.schema import OnError, RunConfig
 from pipeline.errors import ManifestError
-from pipeline.manifest import Manifest, read_manifest
-from pipeline.models import build_pipeline, resolve_device, resolve_dtype
+from pipeline.manifest import PROJECT_ROOT, Manifest, read_manifest, resolve_manifest_path
+from pipeline.loading import check_reference_available, load_models
+from pipeline.models import resolve_device, resolve_dtype
+from pipeline.models.memory import Workload
 from pipeline.outputs.atomic import append_line, atomic_write_bytes, atomic_write_json, remove_stale_temp_files
 from pipeline.outputs.grid import write_grid
 from pipeline.outputs.images import read_sidecar, write_image
 from pipeline.progress import progress
-from pipeline.quantization import QuantPlan, apply_plan, reconcile, resolve_plan
+from pipeline.quantization import QuantPlan, reconcile, resolve_plan
+from pipeline.quantization.file_info import CheckpointInfo
 from pipeline.runinfo import PeakMemory, Stopwatch, device_name, git_commit, package_versions
 from pipeline.tasks import ImageTask, batches, expand, run_identity
 
 log = logging.getLogger("pipeline")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUN_FILE, INDEX_FILE, GRID_FILE = "run.json", "index.jsonl", "grid.png"
-
-
-def resolve_manifest_path(manifest: str) -> Path:
-    """Relative paths are tried against the working directory, then the project root."""
-    p = Path(manifest).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    fallback = PROJECT_ROOT / p
-    return fallback if fallback.exists() else p
 
 
 def load_manifest(cfg: RunConfig) -> Manifest:
@@ -60,14 +53,21 @@ def load_manifest(cfg: RunConfig) -> Manifest:
     return manifest
 
 
-def plan_quantization(cfg: RunConfig) -> QuantPlan:
-    """The quantization plan, checked against the weight file's header and tensors (no weights loaded)."""
+def plan_quantization(cfg: RunConfig) -> tuple[QuantPlan, Optional[CheckpointInfo]]:
+    """The quantization plan, checked against the weight file's name, header and tensors and against the model it
+    is to run in (no weights loaded); with the file's description."""
     plan = resolve_plan(cfg.quantization, cfg.model.source)
+    info = None
     if plan.enabled and plan.path:
-        from pipeline.quantization.checkpoint import inspect_checkpoint
+        from pipeline.models.quantized import check_file_fits
+        from pipeline.quantization.file_info import inspect_checkpoint
 
-        plan = reconcile(plan, inspect_checkpoint(plan.path), cfg.quantization.force)
-    return plan
+        info = inspect_checkpoint(plan.path)
+        plan = reconcile(plan, info, cfg.quantization.force)
+        check_file_fits(cfg.model, info)
+    if plan.enabled:
+        check_reference_available(cfg)
+    return plan, info
 
 
 def _check_rows_against_model(manifest: Manifest, cfg: RunConfig) -> None:
@@ -98,7 +98,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
     """Generate every image of the job into `out_dir` (skipping finished ones); return run.json's dict."""
     clock = Stopwatch()
     manifest = load_manifest(cfg)
-    plan = plan_quantization(cfg)
+    plan, info = plan_quantization(cfg)
     for note in plan.notes:
         log.info("quantization: %s", note)
     device = resolve_device(cfg.sampler.device)
@@ -119,7 +119,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
 
     try:
         if pending:
-            _generate_all(cfg, plan, pending, state)
+            _generate_all(cfg, plan, info, pending, state)
         _finish(cfg, tasks, state, clock, status="complete")
     except KeyboardInterrupt:
         _finish(cfg, tasks, state, clock, status="interrupted")
@@ -127,6 +127,8 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
         raise
     except Exception as e:
         state.record["error"] = f"{type(e).__name__}: {e}"
+        if getattr(e, "record", None) is not None:  # the kernel self-check's findings (quantization.strict)
+            state.record["quantization"]["kernel_check"] = e.record
         _finish(cfg, tasks, state, clock, status="failed")
         raise
     return state.record
@@ -164,17 +166,16 @@ def _index_line(sidecar: dict[str, Any]) -> dict[str, Any]:
     return {k: sidecar.get(k) for k in keys}
 
 
-def _generate_all(cfg: RunConfig, plan: QuantPlan, pending: list[ImageTask], state: RunState) -> None:
+def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], pending: list[ImageTask],
+                  state: RunState) -> None:
     rec = state.record
     load = Stopwatch()
-    pipe, device, dtype = build_pipeline(cfg.model, cfg.sampler)
-    original = None
-    if cfg.job.compare_to_unquantized and plan.enabled:
-        import copy
-
-        original = copy.deepcopy(pipe.transformer)
-    summary = apply_plan(pipe, plan, cfg, device)
-    rec["quantization"]["summary"] = summary.to_dict()
+    models = load_models(cfg, plan, info, largest_call(pending, cfg.job.batch_size, models_dtype_bytes(cfg)))
+    pipe, device, original = models.pipe, models.device, models.reference
+    rec["quantization"]["summary"] = models.summary.to_dict()
+    rec["placement"] = models.placement.to_dict()
+    if models.kernel_check is not None:
+        rec["quantization"]["kernel_check"] = models.kernel_check
     rec["timing"]["model_load_s"] = round(load.elapsed(), 4)
     state.save()
     memory = PeakMemory(device)
@@ -193,7 +194,8 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, pending: list[ImageTask], sta
                 bar.advance(len(batch), "failed")
                 continue
             per_image = clock.elapsed() / len(batch)
-            psnrs = _compare(pipe, original, cfg.model.family, batch, images) if original is not None else [None] * len(batch)
+            psnrs = (_compare(pipe, original, models, batch, images, rec) if original is not None
+                     else [None] * len(batch))
             for task, image, psnr in zip(batch, images, psnrs):
                 _save(cfg, plan, task, image, per_image, len(batch), state, device, psnr)
             bar.advance(len(batch), batch[-1].stem)
@@ -214,15 +216,26 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else round(10 * np.log10(255.0**2 / mse), 3)
 
 
-def _compare(pipe, original, family: str, batch: list[ImageTask], images) -> list[float]:
-    """Render the same batch with the 16-bit transformer (same seeds) and measure PSNR against it."""
-    quantized = pipe.transformer
-    pipe.transformer = original
-    try:
-        reference = generate_batch(pipe, family, batch)
-    finally:
-        pipe.transformer = quantized
+def _compare(pipe, original, models, batch: list[ImageTask], images, rec: dict[str, Any]) -> list[float]:
+    """Render the same batch with the 16-bit transformer (same seeds) and measure PSNR against it. The 16-bit
+    transformer waits in host memory; the quantized one leaves the device while it renders (never both there)."""
+    from pipeline.models.placement import swapped_transformer
+
+    with swapped_transformer(pipe, original, models.placement, models.device) as where:
+        rec.setdefault("reference_placement", where.to_dict())
+        reference = generate_batch(pipe, rec["model"]["family"], batch)
     return [psnr(a, b) for a, b in zip(images, reference)]
+
+
+def largest_call(pending: list[ImageTask], batch_size: int, dtype_bytes: int) -> Workload:
+    """The biggest pipeline call the run will make: what device memory is estimated for."""
+    return Workload(min(batch_size, max(1, len(pending))), max((t.height for t in pending), default=16),
+                    max((t.width for t in pending), default=16),
+                    max((t.max_sequence_length for t in pending), default=1), dtype_bytes)
+
+
+def models_dtype_bytes(cfg: RunConfig) -> int:
+    return resolve_dtype(cfg.sampler.dtype, resolve_device(cfg.sampler.device)).itemsize
 
 
 def generate_batch(pipe, family: str, batch: list[ImageTask]):

@@ -83,6 +83,7 @@ def run_identity(cfg: RunConfig, plan: QuantPlan, dtype: str) -> dict[str, Any]:
         "quantization": quant,
         "scheduler": {"name": s.name.value, "shift": s.shift, "use_dynamic_shifting": s.use_dynamic_shifting},
         "dtype": dtype,
+        "vae_tiling": cfg.model.vae_tiling,  # tiles are decoded apart and blended: other pixels
     }
 
 

@@ -17,7 +17,7 @@ from test_checkpoint import saved  # noqa: F401  (fixture)
 
 
 def plan_for(path, *overrides):
-    return plan_quantization(run_config([f"quantization.path={path}", *overrides]))
+    return plan_quantization(run_config([f"quantization.path={path}", *overrides]))[0]
 
 
 def test_file_name_header_and_tensors_agree(saved):  # noqa: F811

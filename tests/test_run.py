@@ -151,7 +151,7 @@ BAD = '{"id": "a", "prompt": "fine"}\n{"id": "b"}\n{"id": "c", "prompt": "x", "s
 
 def test_on_error_abort_stops_before_building_the_model(tmp_path, write_manifest, monkeypatch):
     path = write_manifest("bad.jsonl", BAD)
-    monkeypatch.setattr(runner, "build_pipeline", lambda *a: pytest.fail("model built despite bad rows"))
+    monkeypatch.setattr(runner, "load_models", lambda *a: pytest.fail("model built despite bad rows"))
     with pytest.raises(ManifestError) as e:
         run(tmp_path, f"job.manifest={path}")
     assert f"{path}:2: prompt: missing" in str(e.value)

@@ -63,6 +63,21 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+class Offload(str, Enum):
+    """Where the pipeline's weights live while it runs (see pipeline/models/placement.py)."""
+
+    none = "none"  # every component on the device (the transformer may still stream blocks: model.blocks_on_gpu)
+    model = "model"  # diffusers' model CPU offload: one whole component on the device at a time
+    sequential = "sequential"  # diffusers' sequential CPU offload: one leaf module at a time (least memory, slowest)
+    auto = "auto"  # the least offload that fits the device's free memory, estimated before loading
+
+
+class TextEncoderDevice(str, Enum):
+    auto = "auto"  # offload=auto decides; otherwise the sampler's device
+    cpu = "cpu"  # encode prompts on the CPU (the embeddings then move to the device)
+    sampler = "sampler"  # the same device as sampler.device
+
+
 class SeedPolicy(str, Enum):
     index = "index"  # base seed + row index (a row's own seed wins)
     fixed = "fixed"  # the base seed for every row (a row's own seed wins)
@@ -122,9 +137,16 @@ class ModelConfig:
     license_url: Optional[str] = None
     tiny: TinySpec = field(default_factory=TinySpec)
     recommended: ModelDefaults = field(default_factory=ModelDefaults)
+    # Memory placement (pipeline/models/placement.py). auto: on a GPU, the least offload that fits its free
+    # memory (run.json records the choice and why); on the CPU, nothing to offload.
+    offload: Offload = Offload.auto
+    blocks_on_gpu: Optional[int] = None  # transformer blocks kept on the device, the rest stream; null: all
+    pin_memory: bool = False  # page-locked CPU copies of streamed blocks: copies overlap compute, pins RAM
+    vae_tiling: bool = False  # VAE decodes tile by tile and image by image (tiling can change pixels slightly)
+    text_encoder_device: TextEncoderDevice = TextEncoderDevice.auto
 
     def check(self) -> list[Problem]:
-        problems: list[Problem] = []
+        problems: list[Problem] = self.check_placement()
         if self.family not in FAMILIES:
             problems.append(("model.family", f"must be one of {', '.join(FAMILIES)}; got {self.family!r}"))
         if self.source == ModelSource.pretrained and not (self.path or self.hf_id):
@@ -135,6 +157,32 @@ class ModelConfig:
         for key in ("num_layers", "num_attention_heads", "text_layers"):
             if getattr(t, key) < 1:
                 problems.append((f"model.tiny.{key}", f"must be >= 1, got {getattr(t, key)}"))
+        return problems
+
+    def check_placement(self) -> list[Problem]:
+        """Placement settings that contradict each other; each message says which one to change."""
+        problems: list[Problem] = []
+        diffusers_offload = self.offload in (Offload.model, Offload.sequential)
+        if self.blocks_on_gpu is not None:
+            if self.blocks_on_gpu < 1:
+                problems.append(("model.blocks_on_gpu", "must be >= 1 (blocks kept on the device; the others stream "
+                                                        f"from the CPU) or null for all, got {self.blocks_on_gpu}"))
+            elif self.offload == Offload.auto:
+                problems.append(("model.blocks_on_gpu", "model.offload=auto picks the number of blocks itself; "
+                                                        "leave model.blocks_on_gpu=null, or set model.offload=none "
+                                                        "to choose it"))
+            elif diffusers_offload:
+                problems.append(("model.blocks_on_gpu", f"cannot stream blocks under model.offload="
+                                                        f"{self.offload.value}, which moves the transformer itself; "
+                                                        "set model.offload=none, or model.blocks_on_gpu=null"))
+        if self.pin_memory and self.blocks_on_gpu is None and self.offload != Offload.auto:
+            problems.append(("model.pin_memory", "pins the CPU copies of streamed transformer blocks, so it needs "
+                                                 "model.blocks_on_gpu=N (or model.offload=auto); set it false"))
+        if self.text_encoder_device == TextEncoderDevice.cpu and diffusers_offload:
+            problems.append(("model.text_encoder_device", f"cpu cannot be combined with model.offload="
+                                                          f"{self.offload.value}, which moves the text encoders to "
+                                                          "the device for each prompt; set "
+                                                          "model.text_encoder_device=auto, or model.offload=none"))
         return problems
 
 
@@ -180,12 +228,12 @@ class QuantizationConfig:
     on_the_fly: OnTheFly = OnTheFly.tiny  # auto mode without a file: quantize in-process?
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     output: Optional[str] = None  # quantize job: folder for the svdq-*.safetensors file (null: run dir)
-    naming: str = "diffusers"  # quantize job: tensor names to write, diffusers | legacy (FLUX only)
+    naming: Optional[str] = None  # quantize job: tensor names, legacy (FLUX only) | diffusers; null: legacy for FLUX
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = self.calibration.check()
-        if self.naming not in ("diffusers", "legacy"):
-            problems.append(("quantization.naming", f"must be diffusers or legacy, got {self.naming!r}"))
+        if self.naming not in (None, "diffusers", "legacy"):
+            problems.append(("quantization.naming", f"must be legacy, diffusers or null, got {self.naming!r}"))
         if self.rank is not None and (self.rank < 0 or self.rank % 16):
             problems.append(
                 ("quantization.rank", f"must be a non-negative multiple of 16 (e.g. 32 or 128), got {self.rank}")

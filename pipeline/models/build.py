@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -36,42 +37,62 @@ def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
 
 
 def build_pipeline(model: ModelConfig, sampler: SamplerConfig):
-    """Build (tiny) or load (pretrained, local only) the pipeline, then move it to device/dtype."""
+    """Build (tiny) or load (pretrained, local only) the whole pipeline on the run's device and dtype."""
     device = resolve_device(sampler.device)
     dtype = resolve_dtype(sampler.dtype, device)
-    if model.source == ModelSource.tiny:
-        from pipeline.models.tiny import build_tiny
-
-        pipe = build_tiny(model)
-    else:
-        pipe = _load_pretrained(model, dtype)
+    pipe = load_pipeline(model, sampler, dtype)
     _move(pipe, device, dtype)
-    pipe.set_progress_bar_config(disable=True)  # our own progress bar counts images
-    _apply_scheduler(pipe, sampler)
     return pipe, device, dtype
 
 
-def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
-    """pipe.to(), without diffusers' warning about fp32-kept modules (these models keep none)."""
+def load_pipeline(model: ModelConfig, sampler: SamplerConfig, dtype: torch.dtype, transformer=None):
+    """The pipeline in host memory (the caller places it: models/placement.py). A given `transformer` (one built
+    from a quantized file) takes the place of the model's own, which is then never read."""
+    if model.source == ModelSource.tiny:
+        from pipeline.models.tiny import build_tiny
+
+        pipe = build_tiny(model, transformer)
+    else:
+        pipe = _load_pretrained(model, dtype, transformer)
+    pipe.set_progress_bar_config(disable=True)  # our own progress bar counts images
+    _apply_scheduler(pipe, sampler)
+    return pipe
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' warnings and progress bars off: the fp32-kept-modules warning on .to() (these models keep none)
+    and the per-component loading bars, which our own progress replaces."""
     from diffusers.utils import logging as dlogging
 
-    level = dlogging.get_verbosity()
+    level, bars = dlogging.get_verbosity(), dlogging.is_progress_bar_enabled()
     dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
     try:
-        pipe.to(device=device, dtype=dtype)
+        yield
     finally:
         dlogging.set_verbosity(level)
+        if bars:
+            dlogging.enable_progress_bar()
 
 
-def _load_pretrained(model: ModelConfig, dtype: torch.dtype):
+def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
+    """pipe.to() (quantized layers keep their tensors' dtypes: layers.KeepsDtypes)."""
+    with quiet_diffusers():
+        pipe.to(device=device, dtype=dtype)
+
+
+def _load_pretrained(model: ModelConfig, dtype: torch.dtype, transformer=None):
     import diffusers
 
     from pipeline.models.pretrained import resolve_model_dir
 
     folder = resolve_model_dir(model)
     cls = getattr(diffusers, PIPELINE_CLASSES[model.family])
-    log.info("Loading %s from %s", model.name, folder)
-    return cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    given = {} if transformer is None else {"transformer": transformer}
+    log.info("Loading %s from %s%s", model.name, folder, " (its transformer from the quantized file)" if given else "")
+    with quiet_diffusers():
+        return cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **given)
 
 
 def _apply_scheduler(pipe, sampler: SamplerConfig) -> None:

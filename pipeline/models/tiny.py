@@ -84,31 +84,17 @@ def _seeded(seed: int, build):
         return build().eval()
 
 
-def build_tiny_flux(spec: TinySpec):
-    """A FluxPipeline with every component at toy size (VAE downsamples by 8, like FLUX.1)."""
+def build_tiny_flux(spec: TinySpec, transformer=None):
+    """A FluxPipeline with every component at toy size (VAE downsamples by 8, like FLUX.1); `transformer`, if
+    given, is used instead of the seeded one (a quantized transformer built from a file)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tok = _tokenizer("clip", spec.vocab_size)
     t5_tok = _tokenizer("t5", spec.vocab_size)
-    head_dim = spec.attention_head_dim
     text_dim = spec.text_hidden_size
-    rope = _flux_rope_axes(head_dim)
-    transformer = _seeded(
-        spec.seed,
-        lambda: FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels packed 2x2, as in FLUX.1
-            num_layers=spec.num_layers,
-            num_single_layers=spec.num_single_layers,
-            attention_head_dim=head_dim,
-            num_attention_heads=spec.num_attention_heads,
-            joint_attention_dim=text_dim,
-            pooled_projection_dim=text_dim,
-            guidance_embeds=spec.guidance_embeds,
-            axes_dims_rope=rope,
-        ),
-    )
+    if transformer is None:
+        transformer = _seeded(spec.seed, lambda: FluxTransformer2DModel(**tiny_transformer_config("flux", spec)))
     vae = _seeded(
         spec.seed + 1,
         lambda: AutoencoderKL(
@@ -173,8 +159,8 @@ def _flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (head_dim - 2 * side, side, side)
 
 
-def build_tiny_qwen_image(spec: TinySpec):
-    """A QwenImagePipeline at toy size: Qwen2.5-VL text encoder, Qwen-Image VAE and transformer."""
+def build_tiny_qwen_image(spec: TinySpec, transformer=None):
+    """A QwenImagePipeline at toy size: Qwen2.5-VL text encoder, Qwen-Image VAE and transformer (or `transformer`)."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -185,22 +171,9 @@ def build_tiny_qwen_image(spec: TinySpec):
 
     tok = _tokenizer("qwen", spec.vocab_size)
     text_dim = spec.text_hidden_size
-    head_dim = spec.attention_head_dim
-    rope = _flux_rope_axes(head_dim)
-    transformer = _seeded(
-        spec.seed,
-        lambda: QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=spec.num_layers,
-            attention_head_dim=head_dim,
-            num_attention_heads=spec.num_attention_heads,
-            joint_attention_dim=text_dim,
-            guidance_embeds=False,
-            axes_dims_rope=rope,
-        ),
-    )
+    if transformer is None:
+        transformer = _seeded(spec.seed,
+                              lambda: QwenImageTransformer2DModel(**tiny_transformer_config("qwen-image", spec)))
     vae = _seeded(
         spec.seed + 1,
         lambda: AutoencoderKLQwenImage(
@@ -253,8 +226,20 @@ def build_tiny_qwen_image(spec: TinySpec):
     )
 
 
+def tiny_transformer_config(family: str, spec: TinySpec) -> dict:
+    """The diffusers config of a tiny transformer: the real architecture at toy width and depth."""
+    common = dict(in_channels=64,  # 16 latent channels packed 2x2, as in FLUX.1 and Qwen-Image
+                  num_layers=spec.num_layers, attention_head_dim=spec.attention_head_dim,
+                  num_attention_heads=spec.num_attention_heads, joint_attention_dim=spec.text_hidden_size,
+                  axes_dims_rope=_flux_rope_axes(spec.attention_head_dim))
+    if family == "flux":
+        return dict(common, patch_size=1, num_single_layers=spec.num_single_layers,
+                    pooled_projection_dim=spec.text_hidden_size, guidance_embeds=spec.guidance_embeds)
+    return dict(common, patch_size=2, out_channels=16, guidance_embeds=False)
+
+
 TINY_BUILDERS = {"flux": build_tiny_flux, "qwen-image": build_tiny_qwen_image}
 
 
-def build_tiny(model: ModelConfig):
-    return TINY_BUILDERS[model.family](model.tiny)
+def build_tiny(model: ModelConfig, transformer=None):
+    return TINY_BUILDERS[model.family](model.tiny, transformer)

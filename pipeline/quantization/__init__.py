@@ -5,9 +5,9 @@ layer) -> targets.py / transform.py / calibration.py (a whole transformer) -> pa
 checkpoint.py (Nunchaku files) -> backend.py (which engine, which hardware).
 """
 
-from pipeline.quantization.apply import (QuantSummary, SVDQuantConfig, apply_plan, load_quantized_, module_bytes,
-                                         quantize_)
+from pipeline.quantization.apply import (QuantSummary, SVDQuantConfig, load_quantized_, module_bytes, quantize_,
+                                         quantize_in_process)
 from pipeline.quantization.plan import QuantPlan, parse_weight_filename, reconcile, resolve_plan
 
-__all__ = ["QuantPlan", "QuantSummary", "SVDQuantConfig", "apply_plan", "load_quantized_", "module_bytes",
-           "parse_weight_filename", "quantize_", "reconcile", "resolve_plan"]
+__all__ = ["QuantPlan", "QuantSummary", "SVDQuantConfig", "load_quantized_", "module_bytes", "parse_weight_filename",
+           "quantize_", "quantize_in_process", "reconcile", "resolve_plan"]

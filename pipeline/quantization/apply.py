@@ -2,8 +2,8 @@
 
 Like torchao's `quantize_(model, config)`: `quantize_(transformer, config, stats)` quantizes in
 place from calibration statistics; `load_quantized_(transformer, path)` loads a Nunchaku file into
-it; `apply_plan(pipe, plan, ...)` is what a run calls: it picks one of the two (or the real
-Nunchaku engine) and returns a summary for the metadata.
+it (a run builds its transformer straight from the file instead: pipeline/models/quantized.py);
+`quantize_in_process(pipe, plan, ...)` calibrates and quantizes a run's 16-bit transformer.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def quantize_(transformer: nn.Module, config: SVDQuantConfig, stats, on_layer=No
 
 def load_quantized_(transformer: nn.Module, path, act_unsigned: Optional[bool] = None):
     """Load a Nunchaku-format file into `transformer` in place; returns (CheckpointInfo, layer names)."""
-    from pipeline.quantization.checkpoint import inspect_checkpoint, load_checkpoint
+    from pipeline.quantization.checkpoint import load_checkpoint
+    from pipeline.quantization.file_info import inspect_checkpoint
 
     info = inspect_checkpoint(path)
     unsigned = act_unsigned if act_unsigned is not None else (
@@ -87,10 +88,9 @@ def _log_layer(i: int, n: int, report) -> None:
 
 def calibrate(pipe, cfg, height: int, width: int, max_sequence_length: int):
     """Run the calibration prompts through the 16-bit pipeline and return per-layer input statistics."""
-    from pipeline.manifest import read_manifest
+    from pipeline.manifest import read_manifest, resolve_manifest_path
     from pipeline.quantization.calibration import CalibrationSettings, collect_stats
     from pipeline.quantization.targets import targets_for
-    from pipeline.runner import resolve_manifest_path
 
     c = cfg.quantization.calibration
     manifest = read_manifest(resolve_manifest_path(c.manifest), limit=c.num_prompts)
@@ -107,40 +107,20 @@ def calibrate(pipe, cfg, height: int, width: int, max_sequence_length: int):
     return collect_stats(pipe, targets_for(pipe.transformer), settings)
 
 
-def apply_plan(pipe, plan: QuantPlan, cfg, device: torch.device) -> QuantSummary:
-    """Make `pipe.transformer` what `plan` says; the summary goes into run.json and every sidecar."""
-    from pipeline.quantization.backend import choose_backend
-
-    before = module_bytes(pipe.transformer)
-    if not plan.enabled:
-        return QuantSummary(False, 0, before, before, None, None, None, backend="none")
-    choice = choose_backend(cfg.quantization.backend, plan.precision, device, bool(plan.path), cfg.quantization.strict)
-    for note in choice.notes:
-        log.warning("quantization: %s", note)
-    summary = QuantSummary(True, 0, before, before, plan.precision, plan.rank, plan.act_unsigned,
-                           backend=choice.name, notes=list(choice.notes))
-    if choice.name == "nunchaku":
-        pipe.transformer = _load_with_engine(pipe, plan, device)
-        summary.source = "file"
-    elif plan.path:
-        _, names = load_quantized_(pipe.transformer, plan.path, plan.act_unsigned)
-        summary.layers_swapped, summary.source = len(names), "file"
-        log.info("loaded %d SVDQuant layers from %s", len(names), plan.path)
-    else:
-        rec = cfg.model.recommended
-        stats = calibrate(pipe, cfg, cfg.sampler.height or rec.height, cfg.sampler.width or rec.width,
-                          cfg.sampler.max_sequence_length or rec.max_sequence_length)
-        config = SVDQuantConfig(plan.precision, plan.rank, bool(plan.act_unsigned),
-                                list(cfg.quantization.calibration.alphas), _dtype16(pipe.transformer))
-        log.info("quantizing %s transformer: SVDQuant %s r%d", cfg.model.name, plan.precision, plan.rank)
-        reports = quantize_(pipe.transformer, config, stats, on_layer=_log_layer)
-        errors = [r.rel_error for r in reports]
-        summary.layers_swapped, summary.source = len(reports), "calibrated"
-        summary.layer_error_mean = round(sum(errors) / len(errors), 6)
-        summary.layer_error_max = round(max(errors), 6)
-        summary.layers = [r.to_dict() for r in reports]
-    summary.bytes_after = module_bytes(pipe.transformer)
-    return summary
+def quantize_in_process(pipe, plan: QuantPlan, cfg, summary: "QuantSummary") -> None:
+    """Calibrate on the 16-bit pipeline, then quantize its transformer in place; fills `summary`."""
+    rec = cfg.model.recommended
+    stats = calibrate(pipe, cfg, cfg.sampler.height or rec.height, cfg.sampler.width or rec.width,
+                      cfg.sampler.max_sequence_length or rec.max_sequence_length)
+    config = SVDQuantConfig(plan.precision, plan.rank, bool(plan.act_unsigned),
+                            list(cfg.quantization.calibration.alphas), _dtype16(pipe.transformer))
+    log.info("quantizing %s transformer: SVDQuant %s r%d", cfg.model.name, plan.precision, plan.rank)
+    reports = quantize_(pipe.transformer, config, stats, on_layer=_log_layer)
+    errors = [r.rel_error for r in reports]
+    summary.layers_swapped, summary.source = len(reports), "calibrated"
+    summary.layer_error_mean = round(sum(errors) / len(errors), 6)
+    summary.layer_error_max = round(max(errors), 6)
+    summary.layers = [r.to_dict() for r in reports]
 
 
 def _dtype16(transformer: nn.Module) -> torch.dtype:
@@ -149,10 +129,9 @@ def _dtype16(transformer: nn.Module) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def _load_with_engine(pipe, plan: QuantPlan, device: torch.device):
+def load_with_engine(path: str, family: str, device: torch.device):
     """The real Nunchaku engine's own loader (only reached where that engine is installed)."""
     import nunchaku
 
-    cls = nunchaku.NunchakuFluxTransformer2dModel if type(pipe.transformer).__name__.startswith("Flux") \
-        else nunchaku.NunchakuQwenImageTransformer2DModel
-    return cls.from_pretrained(plan.path).to(device)
+    cls = nunchaku.NunchakuFluxTransformer2dModel if family == "flux" else nunchaku.NunchakuQwenImageTransformer2DModel
+    return cls.from_pretrained(path).to(device)
