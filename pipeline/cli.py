@@ -57,6 +57,10 @@ def exit_on_user_error(e: PipelineError) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["inspect"]:  # `svdq-batch inspect FILE...`: describe files, no Hydra run
+        from pipeline.inspect import main as inspect_main
+
+        sys.exit(inspect_main(sys.argv[2:]))
     run_entry(hydra_main)
 
 
