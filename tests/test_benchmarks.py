@@ -148,3 +148,27 @@ def test_device_script_parses_and_its_gpu_tests_cover_every_module_that_runs_ker
     runs_on_device = re.compile(r"^(DEVICE = |from test_kernels import .*\bDEVICE\b)", re.M)
     on_gpu = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if runs_on_device.search(p.read_text())}
     assert on_gpu and on_gpu <= set(listed), on_gpu - set(listed)
+
+
+def test_load_memory_benchmark_reports_sizes_and_a_measured_quantized_load(tmp_path):
+    """--quick: full-size byte counts for both models (meta device) and the two loads at one block each, each in
+    its own process; the verdict itself is the benchmark's business, only that there is one."""
+    out = tmp_path / "load_memory.json"
+    r = subprocess.run([sys.executable, "benchmarks/load_memory.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sizes = {row["model"]: row for row in result["sizes"]}
+    assert set(sizes) == {"flux.1-dev", "qwen-image"}
+    for row in sizes.values():
+        files = {f["label"]: f for f in row["files"]}
+        assert set(files) == {"int4 r32", "int4 r128", "nvfp4 r32"}
+        assert files["int4 r32"]["ratio_bf16_over_file"] > 3
+        assert (files["int4 r32"]["bytes"] < files["nvfp4 r32"]["bytes"] < files["int4 r128"]["bytes"]
+                < row["bf16_bytes"])
+    assert result["published"]["ratio"] == 3.6 and result["published"]["ours"] > 3
+    svdq = next(row for row in result["loads"] if row["kind"] == "svdq")
+    assert svdq["blocks"] == [1, 1] and svdq["meta_tensors_left"] == 0 and svdq["peak_delta"] > 0
+    assert svdq["file_bytes"] < svdq["full_depth_file_bytes"] and "extrapolated_full_depth" in svdq
+    assert result["target"]["verdict"] in ("PASS", "FAIL") and result["target"]["limit"] == 1.3
+    assert "target: quantized load peak" in r.stdout
