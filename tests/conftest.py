@@ -97,3 +97,33 @@ def fusion_on_and_off(monkeypatch, model: str, fusion, module, name: str, when=N
     monkeypatch.setattr(fusion, "ENABLED", False)
     off = kernels_then_reference(monkeypatch, quantized_pipe(model, "int4").transformer, model, module, name, when)
     return on_model, on, off
+
+
+def _quantized_pipe(model, precision):
+    from test_checkpoint import quantized_pipe
+
+    return quantized_pipe(model, precision)
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """(model, precision, naming) -> (quantized tiny pipe, its svdq file), each built once per test session and
+    shared by every module (read-only: tests that change a model build their own)."""
+    from pipeline.quantization.checkpoint import file_name, save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cache = {}
+
+    def get(model, precision, naming="diffusers"):
+        key = (model, precision, naming)
+        if key not in cache:
+            pipe = cache.get((model, precision, "pipe")) or _quantized_pipe(model, precision)
+            cache[(model, precision, "pipe")] = pipe
+            path = tmp / naming / file_name(precision, 32, model)
+            path.parent.mkdir(exist_ok=True)
+            save_checkpoint(pipe.transformer, path, precision=precision, rank=32, act_unsigned=True,
+                            model_name=model, naming=naming)
+            cache[key] = (pipe, path)
+        return cache[key]
+
+    return get

@@ -44,27 +44,6 @@ def quantized_pipe(model: str, precision: str):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """(model, precision, naming) -> (quantized pipe, file path), built once per module."""
-    tmp = tmp_path_factory.mktemp("ckpt")
-    cache = {}
-
-    def get(model, precision, naming="diffusers"):
-        key = (model, precision, naming)
-        if key not in cache:
-            pipe = cache.get((model, precision, "pipe")) or quantized_pipe(model, precision)
-            cache[(model, precision, "pipe")] = pipe
-            path = tmp / naming / file_name(precision, 32, model)
-            path.parent.mkdir(exist_ok=True)
-            save_checkpoint(pipe.transformer, path, precision=precision, rank=32, act_unsigned=True,
-                            model_name=model, naming=naming)
-            cache[key] = (pipe, path)
-        return cache[key]
-
-    return get
-
-
 CASES = [("tiny-flux", "int4", "diffusers"), ("tiny-flux", "nvfp4", "diffusers"), ("tiny-flux", "int4", "legacy"),
          ("tiny-flux", "nvfp4", "legacy"), ("tiny-qwen-image", "int4", "diffusers"),
          ("tiny-qwen-image", "nvfp4", "diffusers")]

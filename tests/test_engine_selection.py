@@ -13,21 +13,20 @@ from pipeline.config.schema import Backend
 from pipeline.errors import QuantizationError
 from pipeline.quantization.backend import choose_backend, nunchaku_engine
 from pipeline.runner import plan_quantization, run_job
-from test_checkpoint import saved  # noqa: F401  (fixture)
 
 
 def plan_for(path, *overrides):
     return plan_quantization(run_config([f"quantization.path={path}", *overrides]))[0]
 
 
-def test_file_name_header_and_tensors_agree(saved):  # noqa: F811
+def test_file_name_header_and_tensors_agree(saved):
     _, path = saved("tiny-flux", "int4")
     p = plan_for(path)
     assert (p.precision, p.rank, p.act_unsigned, p.decided_by) == ("int4", 32, True, "filename")
     assert p.detected["tensors"] == {"precision": "int4", "rank": 32}
 
 
-def test_misnamed_file_is_an_error_unless_forced(saved, tmp_path):  # noqa: F811
+def test_misnamed_file_is_an_error_unless_forced(saved, tmp_path):
     _, path = saved("tiny-flux", "int4")
     wrong = tmp_path / "svdq-int4_r128-tiny-flux.safetensors"
     shutil.copy(path, wrong)
@@ -39,7 +38,7 @@ def test_misnamed_file_is_an_error_unless_forced(saved, tmp_path):  # noqa: F811
     assert forced.rank == 32 and any("forced:" in n for n in forced.notes)
 
 
-def test_manual_settings_that_contradict_the_file(saved):  # noqa: F811
+def test_manual_settings_that_contradict_the_file(saved):
     _, path = saved("tiny-flux", "int4")
     with pytest.raises(QuantizationError, match="quantization.precision=nvfp4 is set but the file's tensors are precision=int4"):
         plan_for(path, "quantization.precision=nvfp4")
@@ -53,7 +52,7 @@ def test_missing_weight_file_is_named():
         plan_for("/nowhere/svdq-int4_r32-x.safetensors")
 
 
-def test_run_with_a_quantization_file_reports_psnr_against_16_bit(saved, tmp_path):  # noqa: F811
+def test_run_with_a_quantization_file_reports_psnr_against_16_bit(saved, tmp_path):
     _, path = saved("tiny-flux", "int4")
     record = run_job(run_config([f"quantization.path={path}", "job.limit=2", "job.progress=none",
                                  "job.compare_to_unquantized=true"]), tmp_path / "out")

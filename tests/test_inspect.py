@@ -18,7 +18,6 @@ from conftest import ROOT, run_cli, run_config
 from pipeline import inspect as inspect_cli
 from pipeline.models.tiny import build_tiny
 from pipeline.quantization.targets import targets_for
-from test_checkpoint import saved  # noqa: F401  (fixture)
 
 GOOD = [("tiny-flux", "int4", "legacy"), ("tiny-qwen-image", "nvfp4", "diffusers")]
 
@@ -59,7 +58,7 @@ def values_of(human: str, label: str) -> list[str]:
 
 
 @pytest.mark.parametrize("model,precision,naming", GOOD)
-def test_a_good_file_is_described_from_its_header_as_json_and_text(saved, model, precision, naming):  # noqa: F811
+def test_a_good_file_is_described_from_its_header_as_json_and_text(saved, model, precision, naming):
     _, path = saved(model, precision, naming)
     w4a4, awq = expected_layers(model)
     spec = run_config([f"model={model}"]).model.tiny
@@ -95,7 +94,7 @@ def test_a_good_file_is_described_from_its_header_as_json_and_text(saved, model,
     assert values_of(human.stdout, "problems") == ["none"] and not values_of(human.stdout, "problem")
 
 
-def test_the_console_script_runs_inspect(saved):  # noqa: F811
+def test_the_console_script_runs_inspect(saved):
     _, path = saved("tiny-flux", "int4", "legacy")
     script = os.path.join(os.path.dirname(sys.executable), "svdq-batch")
     if not os.path.exists(script):
@@ -143,7 +142,7 @@ class NoTensorData:
         return HeaderOnly()
 
 
-def test_no_tensor_data_is_read(saved, monkeypatch, capsys):  # noqa: F811
+def test_no_tensor_data_is_read(saved, monkeypatch, capsys):
     _, path = saved("tiny-qwen-image", "nvfp4")
     real_open = safetensors.safe_open
     monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: NoTensorData(real_open(*a, **k)))
@@ -158,7 +157,7 @@ def test_no_tensor_data_is_read(saved, monkeypatch, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not safetensors", "no SVDQuant tensors", "missing"])
-def test_a_file_that_is_not_a_usable_svdq_file_is_one_line_and_exit_2(saved, tmp_path, capsys, kind):  # noqa: F811
+def test_a_file_that_is_not_a_usable_svdq_file_is_one_line_and_exit_2(saved, tmp_path, capsys, kind):
     _, good = saved("tiny-flux", "int4", "legacy")
     bad = tmp_path / "svdq-int4_r32-bad.safetensors"
     if kind == "truncated":
@@ -177,7 +176,7 @@ def test_a_file_that_is_not_a_usable_svdq_file_is_one_line_and_exit_2(saved, tmp
     assert status == 2 and set(json.loads(out)) == {"path", "error"} and expected in json.loads(out)["error"]
 
 
-def test_a_file_renamed_to_another_precision_and_rank_is_a_problem(saved, tmp_path, capsys):  # noqa: F811
+def test_a_file_renamed_to_another_precision_and_rank_is_a_problem(saved, tmp_path, capsys):
     _, good = saved("tiny-flux", "int4", "legacy")
     renamed = shutil.copy(good, tmp_path / "svdq-fp4_r128-tiny-flux.safetensors")
     status, out, _ = inspect_in_process(capsys, renamed, "--json")
@@ -191,7 +190,7 @@ def test_a_file_renamed_to_another_precision_and_rank_is_a_problem(saved, tmp_pa
     assert status == 1 and values_of(out, "problem") == r["problems"]
 
 
-def test_metadata_that_disagrees_with_the_tensors_is_a_problem(saved, tmp_path, capsys):  # noqa: F811
+def test_metadata_that_disagrees_with_the_tensors_is_a_problem(saved, tmp_path, capsys):
     from pipeline.quantization.file_info import quantization_config
 
     _, good = saved("tiny-qwen-image", "nvfp4")
@@ -206,7 +205,7 @@ def test_metadata_that_disagrees_with_the_tensors_is_a_problem(saved, tmp_path, 
     assert r["run"][0].endswith("quantization.force=true")
 
 
-def test_the_model_a_file_fits_comes_from_its_config_or_else_its_blocks(saved, tmp_path, capsys):  # noqa: F811
+def test_the_model_a_file_fits_comes_from_its_config_or_else_its_blocks(saved, tmp_path, capsys):
     _, good = saved("tiny-flux", "int4", "legacy")
     no_config = rewrite_metadata(good, tmp_path / "no-config.safetensors", config=None)
     status, out, _ = inspect_in_process(capsys, no_config, "--json")
@@ -233,7 +232,7 @@ def test_the_model_a_file_fits_comes_from_its_config_or_else_its_blocks(saved, t
                         f"quantization.path={lightning.resolve()} sampler=lightning-8step"]
 
 
-def test_several_files_at_once_one_bad(saved, tmp_path):  # noqa: F811
+def test_several_files_at_once_one_bad(saved, tmp_path):
     _, flux = saved("tiny-flux", "int4", "legacy")
     _, qwen = saved("tiny-qwen-image", "nvfp4")
     bad = tmp_path / "svdq-int4_r32-cut.safetensors"

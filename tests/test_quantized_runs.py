@@ -18,7 +18,6 @@ from pipeline.errors import ModelNotFoundError
 from pipeline.models.tiny import build_tiny
 from pipeline.runner import run_job
 from pipeline.quantization.targets import targets_for
-from test_checkpoint import saved  # noqa: F401  (fixture)
 
 REAL = {"tiny-flux": "flux.1-dev", "tiny-qwen-image": "qwen-image"}
 SMALL = ["sampler.steps=2", "sampler.height=128", "sampler.width=128", "sampler.max_sequence_length=128",
@@ -48,7 +47,7 @@ def pixels(folder):
 
 
 @pytest.mark.parametrize("tiny", ["tiny-flux", "tiny-qwen-image"])
-def test_a_real_layout_folder_without_transformer_weights_runs_from_the_file(saved, folders, tmp_path, tiny):  # noqa: F811
+def test_a_real_layout_folder_without_transformer_weights_runs_from_the_file(saved, folders, tmp_path, tiny):
     """model.path is the 16-bit model without its transformer weights; the file fills the transformer, which is
     built from transformer/config.json: the same image as the tiny model with the same file."""
     _, path = saved(tiny, "int4", "legacy" if tiny == "tiny-flux" else "diffusers")
@@ -64,7 +63,7 @@ def test_a_real_layout_folder_without_transformer_weights_runs_from_the_file(sav
     assert np.array_equal(pixels(tmp_path / "real"), pixels(tmp_path / "tiny"))
 
 
-def test_a_folder_without_transformer_config_takes_the_files_config(saved, folders, tmp_path):  # noqa: F811
+def test_a_folder_without_transformer_config_takes_the_files_config(saved, folders, tmp_path):
     """The base repo without its transformer folder at all is enough: the file's `config` metadata builds it."""
     _, path = saved("tiny-flux", "int4", "legacy")
     folder = tmp_path / "FLUX.1-dev"
@@ -105,7 +104,7 @@ def _without(src, dst, key):
     return dst
 
 
-def conflicts(saved, folders, tmp):  # noqa: F811
+def conflicts(saved, folders, tmp):
     """(overrides, what stderr must say) for each kind of file that must be refused."""
     _, flux = saved("tiny-flux", "int4", "legacy")
     _, qwen = saved("tiny-qwen-image", "int4")
@@ -142,7 +141,7 @@ CASES = ["name vs tensors", "metadata vs tensors", "setting vs file", "another f
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
-def test_every_conflict_exits_2_with_its_message_and_makes_nothing(saved, folders, tmp_path, case):  # noqa: F811
+def test_every_conflict_exits_2_with_its_message_and_makes_nothing(saved, folders, tmp_path, case):
     overrides, message = conflicts(saved, folders, tmp_path)[case]
     out = tmp_path / "out"
     r = run_cli([*overrides, f"hydra.run.dir={out}", "job.progress=none"])
@@ -158,7 +157,7 @@ def test_every_conflict_exits_2_with_its_message_and_makes_nothing(saved, folder
      ["model.blocks_on_gpu=1", "model.pin_memory=true"]),
     (["model.text_encoder_device=cpu", "model.vae_tiling=true"], []),
 ])
-def test_placement_settings_compose_and_on_the_cpu_change_nothing(saved, tmp_path, caplog, overrides, ignored):  # noqa: F811
+def test_placement_settings_compose_and_on_the_cpu_change_nothing(saved, tmp_path, caplog, overrides, ignored):
     """Every placement setting is accepted with a quantized file; on the CPU offload is a no-op said once, the
     run records it, and the image is the default run's."""
     _, path = saved("tiny-flux", "int4", "legacy")
@@ -174,7 +173,7 @@ def test_placement_settings_compose_and_on_the_cpu_change_nothing(saved, tmp_pat
     assert np.array_equal(pixels(tmp_path / "placed"), pixels(tmp_path / "base"))
 
 
-def test_compare_renders_the_reference_with_only_one_transformer_placed(saved, tmp_path):  # noqa: F811
+def test_compare_renders_the_reference_with_only_one_transformer_placed(saved, tmp_path):
     _, path = saved("tiny-qwen-image", "int4")
     record = run_job(run_config(["model=tiny-qwen-image", f"quantization.path={path}", *SMALL,
                                  "job.compare_to_unquantized=true"]), tmp_path / "out")

@@ -159,20 +159,20 @@ def w4a4_matmul(a_codes, a_scales, w_codes, w_scales, precision: str) -> torch.T
     out = []
     for start in range(0, a_codes.shape[0], rows):
         a_part = a_codes[start : start + rows]
-        dots = _group_dots(a_part, w_codes, precision, g)  # (G, m, N), exact
+        dots = _group_dots(a_part, w_codes, precision, g)  # each (m, N), exact
         a_s = a_scales[start : start + rows].float()
         acc = torch.zeros(a_part.shape[0], n, device=a_part.device)
         for k in range(groups):
-            acc += dots[k] * (a_s[:, k, None] * ws[None, k])
+            acc += dots(k) * (a_s[:, k, None] * ws[None, k])
         out.append(acc)
     return torch.cat(out) if out else torch.zeros(0, n, device=w_codes.device)
 
 
-def _group_dots(a_codes: torch.Tensor, w_codes: torch.Tensor, precision: str, g: int) -> torch.Tensor:
-    """Every group's code dot product, (G, m, N) in fp32; exact whichever way it is computed. INT4 on the CPU: int8
-    codes through int32 matmuls (no fp32 copy of the weight: 4x less memory traffic); elsewhere one fp32 bmm."""
+def _group_dots(a_codes: torch.Tensor, w_codes: torch.Tensor, precision: str, g: int):
+    """k -> group k's code dot products (m, N) in fp32, exact whichever way they are computed. INT4 on the CPU:
+    int8 codes through an int32 matmul per group (no fp32 copy of the weight); elsewhere one fp32 bmm for all."""
     if precision == "int4" and a_codes.device.type == "cpu":
-        return torch.stack([torch._int_mm(a_codes[:, k : k + g], w_codes[:, k : k + g].t())
-                            for k in range(0, w_codes.shape[1], g)]).float()
+        return lambda k: torch._int_mm(a_codes[:, k * g : (k + 1) * g], w_codes[:, k * g : (k + 1) * g].t()).float()
     w_vals = _groups(decode(w_codes, precision), g).permute(1, 2, 0)  # (G, g, N)
-    return torch.bmm(_groups(decode(a_codes, precision), g).transpose(0, 1), w_vals)
+    dots = torch.bmm(_groups(decode(a_codes, precision), g).transpose(0, 1), w_vals)
+    return lambda k: dots[k]
