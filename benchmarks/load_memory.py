@@ -225,7 +225,7 @@ def child(kind: str, model_dir: str, file: str) -> None:
         info = inspect_checkpoint(file)
         model = ModelConfig(name=LOAD_MODEL, family="flux", source=ModelSource.pretrained, path=model_dir)
         act_unsigned = info.act_unsigned if info.act_unsigned is not None else info.precision == "int4"
-        transformer, _ = build_quantized_transformer(model, file, info, torch.bfloat16, act_unsigned)
+        transformer = build_quantized_transformer(model, file, info, torch.bfloat16, act_unsigned).transformer
     else:
         transformer = cls.from_pretrained(model_dir, subfolder="transformer", dtype=torch.bfloat16,
                                           local_files_only=True).eval()

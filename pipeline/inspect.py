@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import QuantizationError
-from pipeline.quantization.file_info import (SHAPE_KEYS, CheckpointInfo, config_mismatches, inspect_checkpoint,
-                                             open_safetensors)
+from pipeline.quantization.file_info import SHAPE_KEYS, CheckpointInfo, config_mismatches, inspect_checkpoint
 from pipeline.quantization.plan import parse_weight_filename
 
 MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -140,8 +139,6 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise QuantizationError(f"{path}: not a file")
     info = inspect_checkpoint(path)
-    with open_safetensors(path) as f:
-        metadata = f.metadata() or {}
     from_name = parse_weight_filename(str(path))
     misnamed = name_conflicts(from_name, info)
     problems = misnamed + list(info.problems)
@@ -170,7 +167,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "said_by": {"file_name": from_name,
                     "metadata": {"precision": info.metadata_precision, "rank": info.metadata_rank},
                     "tensors": {"precision": info.precision, "rank": info.rank}},
-        "metadata": {k: k in metadata for k in METADATA_KEYS}, "config": info.config,
+        "metadata": {k: k in info.metadata_keys for k in METADATA_KEYS}, "config": info.config,
         "fits": fits, "fits_by": fits_by, "mismatches": mismatches,
         "run": run_commands(path, fits, from_name, info, forced),
         "problems": problems, "notes": notes, "ok": not problems,

@@ -61,14 +61,15 @@ def load_models(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo],
                            backend=choice.name if choice else "none", notes=list(choice.notes) if choice else [])
     transformer, reference = None, None
     if plan.enabled and plan.path:
-        summary.bytes_before = transformer_bytes_16bit(cfg.model, dtype, info)
         summary.source = "file"
         if choice.name == "nunchaku":
+            summary.bytes_before = transformer_bytes_16bit(cfg.model, dtype, info)
             transformer = load_with_engine(plan.path, cfg.model.family, device)
         else:
-            transformer, names = build_quantized_transformer(cfg.model, plan.path, info, dtype, bool(plan.act_unsigned))
-            summary.layers_swapped = len(names)
-            log.info("loaded %d SVDQuant layers from %s", len(names), plan.path)
+            built = build_quantized_transformer(cfg.model, plan.path, info, dtype, bool(plan.act_unsigned))
+            transformer = built.transformer
+            summary.layers_swapped, summary.bytes_before = len(built.layers), built.bytes_16bit
+            log.info("loaded %d SVDQuant layers from %s", len(built.layers), plan.path)
         if cfg.job.compare_to_unquantized:
             reference = load_16bit_transformer(cfg, dtype)
     pipe = load_pipeline(cfg.model, cfg.sampler, dtype, transformer)

@@ -119,7 +119,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
 
     try:
         if pending:
-            _generate_all(cfg, plan, info, pending, state)
+            _generate_all(cfg, plan, info, pending, state, largest_call(pending, cfg.job.batch_size, dtype.itemsize))
         _finish(cfg, tasks, state, clock, status="complete")
     except KeyboardInterrupt:
         _finish(cfg, tasks, state, clock, status="interrupted")
@@ -167,11 +167,11 @@ def _index_line(sidecar: dict[str, Any]) -> dict[str, Any]:
 
 
 def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], pending: list[ImageTask],
-                  state: RunState) -> None:
+                  state: RunState, work: Workload) -> None:
     rec = state.record
     load = Stopwatch()
-    models = load_models(cfg, plan, info, largest_call(pending, cfg.job.batch_size, models_dtype_bytes(cfg)))
-    pipe, device, original = models.pipe, models.device, models.reference
+    models = load_models(cfg, plan, info, work)
+    pipe, device = models.pipe, models.device
     rec["quantization"]["summary"] = models.summary.to_dict()
     rec["placement"] = models.placement.to_dict()
     if models.kernel_check is not None:
@@ -194,7 +194,7 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo
                 bar.advance(len(batch), "failed")
                 continue
             per_image = clock.elapsed() / len(batch)
-            psnrs = (_compare(pipe, original, models, batch, images, rec) if original is not None
+            psnrs = (_compare(models, cfg.model.family, batch, images, rec) if models.reference is not None
                      else [None] * len(batch))
             for task, image, psnr in zip(batch, images, psnrs):
                 _save(cfg, plan, task, image, per_image, len(batch), state, device, psnr)
@@ -216,14 +216,14 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else round(10 * np.log10(255.0**2 / mse), 3)
 
 
-def _compare(pipe, original, models, batch: list[ImageTask], images, rec: dict[str, Any]) -> list[float]:
+def _compare(models, family: str, batch: list[ImageTask], images, rec: dict[str, Any]) -> list[float]:
     """Render the same batch with the 16-bit transformer (same seeds) and measure PSNR against it. The 16-bit
     transformer waits in host memory; the quantized one leaves the device while it renders (never both there)."""
     from pipeline.models.placement import swapped_transformer
 
-    with swapped_transformer(pipe, original, models.placement, models.device) as where:
+    with swapped_transformer(models.pipe, models.reference, models.placement, models.device) as where:
         rec.setdefault("reference_placement", where.to_dict())
-        reference = generate_batch(pipe, rec["model"]["family"], batch)
+        reference = generate_batch(models.pipe, family, batch)
     return [psnr(a, b) for a, b in zip(images, reference)]
 
 
@@ -232,10 +232,6 @@ def largest_call(pending: list[ImageTask], batch_size: int, dtype_bytes: int) ->
     return Workload(min(batch_size, max(1, len(pending))), max((t.height for t in pending), default=16),
                     max((t.width for t in pending), default=16),
                     max((t.max_sequence_length for t in pending), default=1), dtype_bytes)
-
-
-def models_dtype_bytes(cfg: RunConfig) -> int:
-    return resolve_dtype(cfg.sampler.dtype, resolve_device(cfg.sampler.device)).itemsize
 
 
 def generate_batch(pipe, family: str, batch: list[ImageTask]):

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from pipeline.models.block_offload import BLOCK_LISTS, transformer_blocks
-from pipeline.quantization.safetensors_file import read_header
+from pipeline.quantization.safetensors_file import DTYPES, read_header
 
 GiB = 1024**3
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -49,7 +49,6 @@ DENOISE_FACTOR, TEXT_FACTOR, VAE_FACTOR = 20, 32, 8
 PIXELS_PER_TOKEN = 16  # both families: 8x VAE downsampling, 2x2 patches
 QWEN_VAE_TILE = 256  # AutoencoderKLQwenImage's default tile (not in its config.json)
 
-_FLOAT_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _BLOCK_KEY = re.compile(rf"^({'|'.join(BLOCK_LISTS)})\.(\d+)\.")
 
 
@@ -93,8 +92,9 @@ def tensor_bytes(source: str | Path | nn.Module, dtype: Optional[torch.dtype] = 
         for name, info in _header(f).items():
             begin, end = info["data_offsets"]
             n = end - begin
-            if dtype is not None and info["dtype"] in _FLOAT_SIZES:
-                n = n // _FLOAT_SIZES[info["dtype"]] * dtype.itemsize
+            stored = DTYPES.get(info["dtype"])
+            if dtype is not None and stored is not None and stored.is_floating_point:
+                n = n // stored.itemsize * dtype.itemsize
             out[name] = n
     return out
 

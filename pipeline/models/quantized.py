@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -79,24 +79,35 @@ def meta_transformer(family: str, config: dict[str, Any], dtype: torch.dtype) ->
     return transformer.eval()
 
 
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters (on the meta device too: shapes and dtypes alone)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def transformer_bytes_16bit(model: ModelConfig, dtype: torch.dtype = torch.bfloat16,
                             info: Optional[CheckpointInfo] = None) -> int:
     """What the 16-bit transformer's weights would take, computed on the meta device."""
     config, _ = transformer_config(model, info)
-    t = meta_transformer(model.family, config, dtype)
-    return sum(p.numel() * p.element_size() for p in t.parameters())
+    return parameter_bytes(meta_transformer(model.family, config, dtype))
+
+
+class QuantizedTransformer(NamedTuple):
+    transformer: nn.Module
+    layers: list[str]  # the quantized layers installed from the file
+    bytes_16bit: int  # what the transformer would hold in 16 bits (measured on the meta device before filling)
 
 
 def build_quantized_transformer(model: ModelConfig, path: str | Path, info: CheckpointInfo, dtype: torch.dtype,
-                                act_unsigned: bool) -> tuple[nn.Module, list[str]]:
-    """Build the transformer empty from its config and fill every tensor from the file; returns (it, layer names)."""
+                                act_unsigned: bool) -> QuantizedTransformer:
+    """Build the transformer empty from its config and fill every tensor from the file."""
     from pipeline.quantization.checkpoint import load_checkpoint
 
     config, source = transformer_config(model, info)
     log.info("building the %s transformer from %s, weights from %s", model.name, source, path)
     transformer = meta_transformer(model.family, config, dtype)
+    bytes_16bit = parameter_bytes(transformer)
     names = load_checkpoint(transformer, path, info, act_unsigned=act_unsigned)
     empty = [n for n, t in list(transformer.named_parameters()) + list(transformer.named_buffers()) if t.is_meta]
     if empty:
         raise QuantizationError(f"{path}: no tensor for {', '.join(empty[:8])}: the file does not fill this model")
-    return transformer, names
+    return QuantizedTransformer(transformer, names, bytes_16bit)

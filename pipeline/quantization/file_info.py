@@ -58,7 +58,7 @@ class CheckpointInfo:
     metadata_precision: Optional[str] = None
     metadata_rank: Optional[int] = None
     config: Optional[dict[str, Any]] = None
-    has_comfy_config: bool = False
+    metadata_keys: list[str] = field(default_factory=list)
     tensors: int = 0
     bytes: int = 0
     w4a4_layers: int = 0
@@ -130,7 +130,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     info = CheckpointInfo(
         str(path), precision, int(rank), naming_of(keys),
         _family_from_keys(keys) or family_of_class(meta.get("model_class")), meta.get("model_class"),
-        ours.get("act_unsigned"), _metadata_precision(qc), qc.get("rank"), config, "comfy_config" in meta,
+        ours.get("act_unsigned"), _metadata_precision(qc), qc.get("rank"), config, sorted(meta),
         tensors=len(keys), bytes=path.stat().st_size, w4a4_layers=len(down), awq_layers=len(awq),
         blocks=_block_counts(keys), problems=problems)
     for key, said in (("precision", info.metadata_precision), ("rank", info.metadata_rank)):

@@ -150,8 +150,8 @@ def quantize_weight(w: torch.Tensor, precision: str, scale_dtype: torch.dtype = 
 def w4a4_matmul(a_codes, a_scales, w_codes, w_scales, precision: str) -> torch.Tensor:
     """Σ_g (A_g · W_gᵀ) * (s_a,g ⊗ s_w,g), groups accumulated in K order in fp32 -> (M, N) fp32.
 
-    Each group's code dot product is exact in fp32 (small integers or half-integers), so all groups' dots come
-    from one batched matmul; only the scaled accumulation runs group by group, in K order."""
+    Each group's code dot product is exact (small integers or half-integers), so how the dots are computed does not
+    matter (_group_dots); only the scaled accumulation runs group by group, in K order."""
     g = group_size(precision)
     n, groups = w_codes.shape[0], w_codes.shape[1] // g
     ws = w_scales.float().T  # (G, N)

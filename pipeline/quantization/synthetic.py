@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-# safetensors' dtype names
-_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int8: "I8", torch.int32: "I32",
-           torch.uint8: "U8", torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64"}
+from pipeline.quantization.safetensors_file import DTYPES
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch dtype -> safetensors' dtype name
 ONES = (".smooth_factor", ".smooth_factor_orig", ".smooth", ".smooth_orig", ".wtscale", ".wcscales", "norm_q.weight",
         "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")
 SMALL_BYTES = 1 << 20  # tensors up to this size are written; larger ones are holes
@@ -32,7 +32,7 @@ def write_sparse_checkpoint(path: str | Path, layout: dict[str, tuple[tuple[int,
     for name in names:
         shape, dtype = layout[name]
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
         header["__metadata__"] = metadata
