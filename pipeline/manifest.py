@@ -1,22 +1,51 @@
-"""Read and validate prompt manifests (JSONL, CSV/TSV, TXT, YAML) into typed rows.
+"""Read and validate prompt manifests into typed rows: the evaluation sets as published, and your own lists.
 
-Why a whole-file pass: a bad row is found before the first image, reported as
-`file:line: field: problem`, and `job.on_error` decides whether to stop or to skip it.
+Why a whole-file pass: every bad row is found before the first image (even past `job.limit`),
+reported as `file:line: field: problem`, and `job.on_error` decides whether to stop or to skip it.
+
+Formats (by extension; one-line examples; parsers in `pipeline.manifest_formats`):
+
+    .jsonl/.ndjson  {"id": "cat", "prompt": "a cat on a red chair", "seed": 42, "tags": {"set": "pets"}}
+                    {"tag": "single_object", "include": [...], "prompt": "a photo of a bench"}  (GenEval)
+    .json           ["a cat on a red chair", "a dog"]                               (HPSv2 benchmark files)
+                    [{"prompt": "a cat on a red chair", "seed": 3}, ...]            (a list of row objects)
+                    {"0b3a9c": {"category": "people", "prompt": "a portrait"}, ...} (MJHQ-30K meta_data.json: id = key)
+                    {"images": [...], "annotations": [{"image_id": 1, "id": 38, "caption": "a cat"}]}  (COCO)
+                    {"prompts": ["a cat", ...]}                                     (an object holding one list)
+    .csv            Prompts,Category  /  A red colored car.,Colors                  (DrawBench; cells may be quoted)
+    .tsv            Prompt<TAB>Category<TAB>Challenge<TAB>Note                      (PartiPrompts; cells are literal)
+    .txt            a cat on a red chair                                            (T2I-CompBench; # comments)
+    .yaml/.yml      - a cat on a red chair   /   - {prompt: a dog, seed: 3}         (a list, or the JSON layouts)
+
+Fields, in every format, matched ignoring case, '_', '-' and spaces (`Negative Prompt` is negative_prompt):
+  prompt: the first of prompt, prompts, prompt_text, caption, captions, text, sentence (or `job.columns.prompt`)
+  id:     id, prompt_id, uid (or `job.columns.id`; in an object keyed by id, the key). Must match ID_PATTERN;
+          an integer id becomes a string. No id: the row index, 00000, 00001, ...
+  negative_prompt: negative_prompt, negative, neg_prompt (or `job.columns.negative_prompt`)
+  settings: seed (-1: random), steps (num_inference_steps), guidance (guidance_scale), true_cfg_scale,
+          height, width, num_images (num_images_per_prompt), tags.
+Every other column/field is kept as a tag, nested values (GenEval's `include`) as they are; the other
+prompt/id candidates too (COCO: the caption's annotation `id` is the row id, since an image has ~5 captions
+and its `image_id` repeats; `image_id` is kept as a tag). A name one letter off a setting (two for the long
+ones, `stpes`, `negativ_prompt`) whose values fit that setting is reported as a typo rather than silently
+kept as a tag.
+
+Lines: JSON/YAML rows report the line on which their element starts; when several elements start on one
+line (minified JSON) the message also names the element ("item 3", "key 'abc'").
 """
 
 from __future__ import annotations
 
-import csv
-import difflib
 import hashlib
-import io
-import json
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config.schema import check_generation_values
+from pipeline.manifest_formats import FORMATS, PARSERS, Parsed, Record, Text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,15 +55,24 @@ STR_FIELDS = ("id", "negative_prompt")
 KNOWN_FIELDS = ("prompt", *STR_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "tags")
 MAX_IMAGES_PER_ROW = 64
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-FORMATS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".txt": "txt",
-    ".yaml": "yaml",
-    ".yml": "yaml",
+
+# The names each field is recognised by, in priority order (the first one present wins; the others become tags).
+# Not `name`, `key` or `image_id` for the id: they repeat or hold free text in the files people have.
+FIELD_NAMES: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt", "prompts", "prompt_text", "caption", "captions", "text", "sentence"),
+    "id": ("id", "prompt_id", "uid"),
+    "negative_prompt": ("negative_prompt", "negative", "neg_prompt"),
+    "seed": ("seed",),
+    "steps": ("steps", "num_inference_steps"),
+    "guidance": ("guidance", "guidance_scale"),
+    "true_cfg_scale": ("true_cfg_scale",),
+    "height": ("height",),
+    "width": ("width",),
+    "num_images": ("num_images", "num_images_per_prompt"),
+    "tags": ("tags",),
 }
+MAPPABLE = ("prompt", "id", "negative_prompt")  # fields `job.columns` can name
+TYPO_TARGETS = (*INT_FIELDS, *FLOAT_FIELDS, "negative_prompt")
 
 
 def resolve_manifest_path(manifest: str) -> Path:
@@ -55,7 +93,7 @@ class PromptRow:
     prompt: str
     id: str
     negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # -1: a random seed, drawn by the runner
     steps: Optional[int] = None
     guidance: Optional[float] = None
     true_cfg_scale: Optional[float] = None
@@ -79,20 +117,27 @@ class RowProblem:
 
 @dataclass
 class Manifest:
+    """`rows`: the valid rows with index < limit. `problems`, `total_rows` and `bad_rows` cover the whole file."""
+
     path: Path
     format: str
     sha256: str
     rows: list[PromptRow]
     problems: list[RowProblem]
-    total_rows: int
+    total_rows: int  # data rows in the file, bad ones included
+    bad_rows: int = 0  # distinct rows that cannot be used (a header problem makes every row bad)
 
     @property
     def skipped_lines(self) -> set[int]:
         return {p.line for p in self.problems}
 
 
-def read_manifest(path: str | Path, limit: Optional[int] = None) -> Manifest:
-    """Parse and check a whole manifest. Raises ManifestError only when the file itself is unusable."""
+def read_manifest(path: str | Path, limit: Optional[int] = None, columns: Any = None) -> Manifest:
+    """Parse and check a whole manifest. Raises ManifestError only when the file itself is unusable.
+
+    `columns`: which column/field holds the prompt, id and negative prompt, as a mapping or an object with
+    those attributes (`job.columns`); a None entry is detected. Naming a column the file lacks raises.
+    """
     from pipeline.errors import ManifestError
 
     path = Path(path)
@@ -107,182 +152,264 @@ def read_manifest(path: str | Path, limit: Optional[int] = None) -> Manifest:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ManifestError(path, [f"{path}: not UTF-8 text ({e})"], hint="Save the manifest as UTF-8.") from None
-    raw_rows, problems = _PARSERS[fmt](text, str(path))
+    src = str(path)
+    parsed = PARSERS[fmt](text)
+    problems = [RowProblem(src, line, fld, msg) for line, fld, msg in parsed.problems]
+    plan = _plan(parsed, _mapping(columns), path, fmt)
+    problems += [RowProblem(src, line, fld, msg) for line, fld, msg in plan.problems]
+    shared = {line for line, n in Counter(r.line for r in parsed.records).items() if n > 1}
+
     rows: list[PromptRow] = []
+    bad: set[int] = set()
     seen_ids: dict[str, int] = {}
-    index = 0
-    for line, raw in raw_rows:
-        if limit is not None and index >= limit:
-            break
-        row, row_problems = _build_row(raw, index, line, str(path))
-        index += 1
+    for index, rec in enumerate(parsed.records):
+        suffix = f" ({rec.where})" if rec.line in shared else ""
+        if rec.error:
+            row, row_problems = None, [RowProblem(src, rec.line, rec.error[0], rec.error[1] + suffix)]
+        elif plan.rows_unusable and not isinstance(rec.value, str):
+            bad.add(index)  # the header/file problem above says why
+            continue
+        else:
+            row, row_problems = _build_row(rec, plan, index, src, suffix)
         if row is not None and not row_problems:
             first = seen_ids.get(row.id)
             if first is not None:
                 what = "duplicate id" if row.explicit_id else "automatic id collides with the id"
-                row_problems.append(RowProblem(str(path), line, "id", f"{what} {row.id!r} (first used on line {first})"))
+                msg = f"{what} {row.id!r} (first used on line {first}){suffix}"
+                row_problems.append(RowProblem(src, rec.line, "id", msg))
             else:
-                seen_ids[row.id] = line
+                seen_ids[row.id] = rec.line
         if row_problems:
             problems.extend(row_problems)
-        else:
+            bad.add(index)
+        elif limit is None or index < limit:
             rows.append(row)
     problems.sort(key=lambda p: p.line)
-    return Manifest(path, fmt, hashlib.sha256(data).hexdigest(), rows, problems, index)
+    return Manifest(path, fmt, hashlib.sha256(data).hexdigest(), rows, problems, len(parsed.records), len(bad))
 
 
-RawRows = list[tuple[int, Any]]
+# --- which name holds which field ---------------------------------------------------------------------------
 
 
-def _parse_jsonl(text: str, path: str) -> tuple[RawRows, list[RowProblem]]:
-    rows, problems = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "", name.lower())
+
+
+def _mapping(columns: Any) -> dict[str, Optional[str]]:
+    if columns is None:
+        return {}
+    if isinstance(columns, Mapping):
+        got = {str(k): v for k, v in columns.items()}
+    else:
+        got = {k: getattr(columns, k, None) for k in MAPPABLE}
+    unknown = set(got) - set(MAPPABLE)
+    if unknown:
+        raise ValueError(f"columns can name {', '.join(MAPPABLE)}; got {sorted(unknown)}")
+    return {k: str(v) for k, v in got.items() if v not in (None, "")}
+
+
+@dataclass
+class _Plan:
+    fields: dict[str, str]  # the file's name -> field
+    typos: dict[str, str]  # the file's name -> the setting it looks like a misspelling of
+    prompt_name: Optional[str]
+    id_from_key: bool  # rows keyed by id: the key is the id
+    tabular: bool
+    rows_unusable: bool = False  # a header/file problem makes every row (except bare prompts) unusable
+    problems: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _plan(parsed: Parsed, columns: dict[str, str], path: Path, fmt: str) -> _Plan:
+    """Decide once per file which of its names holds which field, so every row reads the same way."""
+    tabular = parsed.header is not None
+    if tabular:
+        names = list(parsed.header)
+    else:
+        shapes = dict.fromkeys(tuple(r.value) for r in parsed.records if isinstance(r.value, dict))
+        names = list(dict.fromkeys(str(k) for shape in shapes for k in shape))
+    fields: dict[str, str] = {}
+    missing = []
+    for fld, asked in columns.items():
+        found = _find(names, [asked], taken=fields)
+        if found is None:
+            missing.append((fld, asked))
+        else:
+            fields[found] = fld
+    if missing:
+        _raise_missing(path, fmt, missing, names)
+    id_from_key = parsed.keyed and "id" not in columns
+    for fld, aliases in FIELD_NAMES.items():
+        if fld in fields.values() or (fld == "id" and id_from_key):
             continue
-        try:
-            rows.append((n, json.loads(line)))
-        except json.JSONDecodeError as e:
-            problems.append(RowProblem(path, n, "json", f"invalid JSON at column {e.colno}: {e.msg}"))
-    return rows, problems
+        found = _find(names, aliases, taken=fields)
+        if found is not None:
+            fields[found] = fld
+    typos = {}
+    for name in names:
+        if name not in fields:
+            close = _looks_like(name)
+            if close:
+                typos[name] = close
+    prompt_name = next((n for n, f in fields.items() if f == "prompt"), None)
+    plan = _Plan(fields, typos, prompt_name, id_from_key, tabular)
+    if tabular:
+        _check_header(plan, parsed, names)
+    elif prompt_name is None and any(isinstance(r.value, dict) for r in parsed.records):
+        first = next(r.line for r in parsed.records if isinstance(r.value, dict))
+        plan.problems.append((first, "prompt", f"no field holds the prompt in any row; fields are {names}. "
+                                               f"{_prompt_fix()}"))
+        plan.rows_unusable = True
+    return plan
 
 
-def _parse_txt(text: str, path: str) -> tuple[RawRows, list[RowProblem]]:
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            rows.append((n, {"prompt": stripped}))
-    return rows, []
+def _find(names: list[str], wanted: tuple[str, ...] | list[str], taken: dict[str, str]) -> Optional[str]:
+    """The first of `wanted` the file has: spelt exactly, else ignoring case, '_', '-' and spaces."""
+    free = [n for n in names if n not in taken]
+    for want in wanted:
+        if want in free:
+            return want
+        match = [n for n in free if _norm(n) == _norm(want)]
+        if match:
+            return match[0]
+    return None
 
 
-def _parse_delimited(text: str, path: str, delimiter: str) -> tuple[RawRows, list[RowProblem]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _raise_missing(path: Path, fmt: str, missing: list[tuple[str, str]], names: list[str]) -> None:
+    from pipeline.errors import ManifestError
+
+    if names:
+        have = f"{'columns' if fmt in ('csv', 'tsv') else 'fields'} are {names}"
+    else:
+        have = f"this {fmt.upper()} file has no named columns or fields (each row is a bare prompt)"
+    lines = [f"{path}: job.columns.{fld}={asked}: no such column; {have}" for fld, asked in missing]
+    hint = ("Set job.columns.<field> to one of the file's columns (case does not matter), or to null to detect it."
+            if names else "Set job.columns.<field>=null for this file.")
+    raise ManifestError(path, lines, hint=hint)
+
+
+def _check_header(plan: _Plan, parsed: Parsed, names: list[str]) -> None:
+    if plan.prompt_name is None:
+        plan.problems.append((1, "header", f"no prompt column; columns are {names}. {_prompt_fix()}"))
+        plan.rows_unusable = True
+    for name, close in plan.typos.items():
+        cells = [r.value[name] for r in parsed.records if isinstance(r.value, dict) and name in r.value]
+        if cells and all(_fits(close, c) for c in cells):
+            plan.problems.append((1, name, f"column looks like a typo of {close!r}: rename it {close!r} "
+                                           "(a column whose name is not this close to a setting is kept as a tag)"))
+            plan.rows_unusable = True
+
+
+def _prompt_fix() -> str:
+    return (f"Name the prompt column one of {', '.join(FIELD_NAMES['prompt'])} (any case), "
+            "or set job.columns.prompt=<column>.")
+
+
+def _looks_like(name: str) -> Optional[str]:
+    """The setting `name` is a near miss of: one edit away (two for names longer than 6 letters)."""
+    n = _norm(name)
+    best = None
+    for target in TYPO_TARGETS:
+        t = _norm(target)
+        d = _distance(n, t)
+        if 0 < d <= (1 if len(t) <= 6 else 2) and (best is None or d < best[0]):
+            best = (d, target)
+    return best[1] if best else None
+
+
+def _distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) turning a into b."""
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
+
+
+def _fits(fld: str, value: Any) -> bool:
+    """Whether `value` would be a valid value of `fld` (a near-miss name holding such values is a typo)."""
     try:
-        header = next(reader)
-    except StopIteration:
-        return [], []
-    columns = [h.strip() for h in header]
-    names = [c.lower() if c.lower() in KNOWN_FIELDS else c for c in columns]
-    problems = []
-    if "prompt" not in names:
-        problems.append(RowProblem(path, 1, "header", f"no 'prompt' (or 'Prompt') column; columns are {columns}"))
-        return [], problems
-    for c in names:
-        close = difflib.get_close_matches(c.lower(), KNOWN_FIELDS, n=1, cutoff=0.8)
-        if c not in KNOWN_FIELDS and close:
-            problems.append(
-                RowProblem(path, 1, c, f"unknown column; did you mean {close[0]!r}? (other columns become tags)")
-            )
-    if problems:
-        return [], problems
-    rows = []
-    line = reader.line_num + 1
-    for record in reader:
-        if any(cell.strip() for cell in record):
-            if len(record) != len(names):
-                problems.append(
-                    RowProblem(path, line, "row", f"has {len(record)} cells, header has {len(names)}")
-                )
-            else:
-                raw: dict[str, Any] = {}
-                tags: dict[str, Any] = {}
-                for name, cell in zip(names, record):
-                    if cell.strip() == "":
-                        continue
-                    if name in KNOWN_FIELDS:
-                        raw[name] = _from_text(name, cell.strip())
-                    else:
-                        tags[name] = cell.strip()
-                if tags:
-                    raw["tags"] = tags
-                rows.append((line, raw))
-        line = reader.line_num + 1
-    return rows, problems
+        _coerce(fld, value)
+        return True
+    except ValueError:
+        return False
 
 
-class _Text(str):
-    """A value that came from a text cell: numbers in it may be parsed."""
+# --- one row ------------------------------------------------------------------------------------------------
 
 
-def _from_text(name: str, cell: str) -> Any:
-    return _Text(cell) if name in INT_FIELDS + FLOAT_FIELDS else cell
-
-
-def _parse_yaml(text: str, path: str) -> tuple[RawRows, list[RowProblem]]:
-    import yaml
-
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        return [], [RowProblem(path, line, "yaml", f"invalid YAML: {getattr(e, 'problem', e)}")]
-    if node is None:
-        return [], []
-    if not isinstance(node, yaml.SequenceNode):
-        return [], [RowProblem(path, node.start_mark.line + 1, "yaml", "expected a list of prompts or mappings")]
-    rows = []
-    for item in node.value:
-        rows.append((item.start_mark.line + 1, loader.construct_object(item, deep=True)))
-    return rows, []
-
-
-_PARSERS = {
-    "jsonl": _parse_jsonl,
-    "txt": _parse_txt,
-    "csv": lambda t, p: _parse_delimited(t, p, ","),
-    "tsv": lambda t, p: _parse_delimited(t, p, "\t"),
-    "yaml": _parse_yaml,
-}
-
-
-def _build_row(raw: Any, index: int, line: int, path: str) -> tuple[Optional[PromptRow], list[RowProblem]]:
+def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str
+               ) -> tuple[Optional[PromptRow], list[RowProblem]]:
     def problem(fld: str, msg: str) -> RowProblem:
-        return RowProblem(path, line, fld, msg)
+        return RowProblem(path, rec.line, fld, msg + suffix)
 
+    raw = rec.value
     if isinstance(raw, str):
         raw = {"prompt": raw}
-    if not isinstance(raw, dict):
+        fields: dict[str, str] = {"prompt": "prompt"}
+    elif isinstance(raw, dict):
+        fields = plan.fields
+    else:
         return None, [problem("row", f"expected an object with a 'prompt', got {type(raw).__name__}")]
     problems: list[RowProblem] = []
-    values: dict[str, Any] = {}
+    given: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if rec.key is not None:
+        if plan.id_from_key:
+            given["id"] = rec.key
+        else:
+            extra["key"] = rec.key
     for key, value in raw.items():
         key = str(key)
-        if key not in KNOWN_FIELDS:
-            close = difflib.get_close_matches(key, KNOWN_FIELDS, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(
-                problem(key, f"unknown field{hint} (allowed: {', '.join(KNOWN_FIELDS)}; put free-form data in 'tags')")
-            )
-            continue
+        fld = fields.get(key)
+        if fld is not None:
+            given[fld] = value
+        elif key in plan.typos and not plan.tabular and _fits(plan.typos[key], value):
+            close = plan.typos[key]
+            problems.append(problem(key, f"looks like a typo of {close!r}: rename it {close!r} "
+                                         "(a field whose name is not this close to a setting is kept as a tag)"))
+        else:
+            extra[key] = str(value) if isinstance(value, Text) else value
+    values: dict[str, Any] = {}
+    for fld, value in given.items():
         if value is None:
             continue
         try:
-            values[key] = _coerce(key, value)
+            values[fld] = _coerce(fld, value)
         except ValueError as e:
-            problems.append(problem(key, str(e)))
+            problems.append(problem(_name_of(fld, fields), str(e)))
     prompt = values.get("prompt")
-    if "prompt" not in raw or prompt is None:
-        problems.append(problem("prompt", "missing (every row needs a non-empty prompt)"))
+    if prompt is None:
+        hint = f"; this file's prompts are in {plan.prompt_name!r}" if plan.prompt_name not in (None, "prompt") else ""
+        problems.append(problem("prompt", f"missing (every row needs a non-empty prompt{hint})"))
     elif not prompt.strip():
         problems.append(problem("prompt", "is empty"))
     if "id" in values and not ID_PATTERN.match(values["id"]):
-        problems.append(
-            problem("id", f"{values['id']!r} is not usable in a file name; use letters, digits, '.', '_' and '-'")
-        )
+        problems.append(problem(_name_of("id", fields), f"{values['id']!r} is not usable in a file name; "
+                                                        "use letters, digits, '.', '_' and '-'"))
     n = values.get("num_images")
     if n is not None and not 1 <= n <= MAX_IMAGES_PER_ROW:
         problems.append(problem("num_images", f"must be in 1..{MAX_IMAGES_PER_ROW}, got {n}"))
     for key, msg in check_generation_values("", **values):
-        problems.append(problem(key, msg))
+        problems.append(problem(_name_of(key, fields), msg))
     if problems:
         return None, problems
     explicit = "id" in values
     values.setdefault("id", f"{index:05d}")
     values.setdefault("num_images", 1)
-    values["tags"] = _as_tags(values.get("tags"))
-    return PromptRow(index=index, line=line, explicit_id=explicit, **values), []
+    values["tags"] = {**extra, **_as_tags(values.get("tags"))}
+    return PromptRow(index=index, line=rec.line, explicit_id=explicit, **values), []
+
+
+def _name_of(fld: str, fields: dict[str, str]) -> str:
+    """The file's own name for a field, so a message points at what the user sees (`Prompts`, `guidance_scale`)."""
+    return next((name for name, f in fields.items() if f == fld), fld)
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -293,7 +420,7 @@ def _coerce(key: str, value: Any) -> Any:
     if key == "tags":
         if not isinstance(value, (dict, list, str)):
             raise ValueError(f"expected a mapping, list or string, got {_describe(value)}")
-        return value
+        return str(value) if isinstance(value, Text) else value
     if key == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
@@ -303,7 +430,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 def _number(value: Any, cast: type, name: str) -> Any:
     """Text cells may hold numbers as text; JSON/YAML values must already be numbers (not bools)."""
-    if isinstance(value, _Text):
+    if isinstance(value, Text):
         try:
             return cast(value)
         except ValueError:
@@ -326,4 +453,3 @@ def _as_tags(tags: Any) -> dict[str, Any]:
     if isinstance(tags, str):
         return {"tags": [tags]}
     return {"tags": list(tags)}
-

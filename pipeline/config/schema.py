@@ -203,6 +203,9 @@ class CalibrationConfig:
     def check(self) -> list[Problem]:
         problems = check_generation_values("quantization.calibration", steps=self.steps, height=self.height,
                                            width=self.width, seed=self.seed)
+        if self.seed == -1:
+            problems.append(("quantization.calibration.seed", "must be fixed (>= 0): a quantized file should be "
+                                                               "reproducible"))
         for key in ("num_prompts", "batch_size", "max_rows"):
             if getattr(self, key) < 1:
                 problems.append((f"quantization.calibration.{key}", f"must be >= 1, got {getattr(self, key)}"))
@@ -291,6 +294,15 @@ class SamplerConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Which manifest column/field holds what, when the file's own names are not recognised (null: detect)."""
+
+    prompt: Optional[str] = None
+    id: Optional[str] = None
+    negative_prompt: Optional[str] = None
+
+
+@dataclass
 class JobConfig:
     """Which manifest to run and how to write its outputs."""
 
@@ -299,7 +311,10 @@ class JobConfig:
     batch_size: int = 4
     limit: Optional[int] = None  # only the first N rows
     on_error: OnError = OnError.abort
-    overwrite: bool = False
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    allow_empty: bool = False  # a run that plans no image exits 0 instead of 3
+    overwrite: bool = False  # replace finished images made with other settings (else the run refuses)
+    wait_for_lock: float = 0.0  # seconds to wait for another run holding the output folder (0: refuse; inf: wait)
     output_dir: Optional[str] = None  # null: Hydra's run dir (outputs/<date>/<time>)
     grid: bool = True
     grid_max_images: int = 64
@@ -317,6 +332,8 @@ class JobConfig:
             problems.append(("job.grid_max_images", f"must be >= 1, got {self.grid_max_images}"))
         if self.progress not in ("auto", "rich", "plain", "none"):
             problems.append(("job.progress", f"must be one of auto, rich, plain, none; got {self.progress!r}"))
+        if not self.wait_for_lock >= 0:
+            problems.append(("job.wait_for_lock", f"must be >= 0 seconds (inf: wait forever), got {self.wait_for_lock}"))
         return problems
 
 
@@ -362,8 +379,8 @@ def check_generation_values(prefix: str, **values: Any) -> list[Problem]:
                 )
             )
     seed = values.get("seed")
-    if seed is not None and not 0 <= seed < 2**63:
-        problems.append((f"{prefix}seed", f"must be in 0..2**63-1, got {seed}"))
+    if seed is not None and not -1 <= seed < 2**63:
+        problems.append((f"{prefix}seed", f"must be in 0..2**63-1, or -1 for a random seed, got {seed}"))
     return problems
 
 
