@@ -1,7 +1,14 @@
 """Command-line entry: `python -m pipeline [overrides]` or `svdq-batch [overrides]` (Hydra).
 
-User errors (bad config value, bad manifest row, missing weights) print one clear message and
-exit with status 2; in a sweep (-m) a failing job is recorded and the sweep goes on.
+Exit status (also for `svdq-quantize`), so that scripts can trust it:
+  0    every image the run planned is on disk (made now or earlier); with job.allow_empty=true also
+       when nothing was planned
+  2    user error: a bad key, value or config option, a bad manifest, missing weights... one clear
+       message on stderr, no traceback
+  3    the run ended incomplete: nothing was planned, some images failed (job.on_error=skip), or in
+       a sweep (-m) any job failed or was incomplete (a failing job is recorded and the sweep goes on)
+  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM: what was finished is kept; rerun to finish
+  1    anything else (a bug: it keeps its traceback)
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipeline.config import register_configs, to_run_config  # noqa: E402
-from pipeline.config.validate import unknown_override_keys  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.config.validate import check_command_line  # noqa: E402
+from pipeline.errors import PipelineError, RunInterrupted  # noqa: E402
+from pipeline.outcome import EXIT_INCOMPLETE, EXIT_USER_ERROR, exit_status  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("pipeline")
@@ -35,25 +43,58 @@ def slug(text: str) -> str:
     return s[:120] or "base"
 
 
+def first_set(*values):
+    """`${first_set:${job.output_dir},outputs/...}`: the first value that is neither null nor empty."""
+    return next((v for v in values if v not in (None, "")), None)
+
+
 if not OmegaConf.has_resolver("slug"):
     OmegaConf.register_new_resolver("slug", slug)
+if not OmegaConf.has_resolver("first_set"):
+    OmegaConf.register_new_resolver("first_set", first_set)
 register_configs()
 
+def run_entry(hydra_fn, config_name: str = "config") -> None:
+    """Check the command line against the schema and the config groups, then hand over to Hydra.
 
-def run_entry(hydra_fn) -> None:
-    """Check command-line keys against the schema (with suggestions), then hand over to Hydra."""
-    problems = unknown_override_keys(sys.argv[1:])
+    Bad keys, values and group options exit 2 here, one line each; a sweep (-m) with a job that did
+    not complete exits 3 once Hydra has printed its table; an interrupt exits 128 + the signal.
+    """
+    from pipeline import sweep
+
+    problems = check_command_line(sys.argv[1:], CONF_DIR, config_name)
     if problems:
-        for key, msg in problems:
-            print(f"error: {key}: {msg}", file=sys.stderr)
-        sys.exit(2)
-    hydra_fn()
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    sweep.take_outcome()
+    try:
+        hydra_fn()
+    except RunInterrupted as e:
+        exit_on_interrupt(e)
+    except KeyboardInterrupt:
+        print("error: interrupted by SIGINT", file=sys.stderr)
+        sys.exit(130)
+    outcome = sweep.take_outcome()
+    if outcome and outcome["not_complete"]:
+        bad = outcome["not_complete"]
+        print(f"error: sweep incomplete: {len(bad)} of {outcome['jobs']} jobs did not complete "
+              f"(see {outcome['sweep_dir']}/sweep.md):", file=sys.stderr)
+        for job, why in bad:
+            print(f"  {job}: {why}", file=sys.stderr)
+        sys.exit(EXIT_INCOMPLETE)
 
 
 def exit_on_user_error(e: PipelineError) -> None:
     """Inside a Hydra task (Hydra would print a traceback): one clear message, exit status 2."""
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def exit_on_interrupt(e: RunInterrupted) -> None:
+    """Inside a Hydra task (Hydra would report it as a failure, status 1): one line, 128 + signal."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def main() -> None:
@@ -70,9 +111,9 @@ def hydra_main(cfg: DictConfig) -> dict | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    out_dir = Path(hc.runtime.output_dir)
-    if cfg.job.output_dir and not multirun:
-        out_dir = Path(cfg.job.output_dir)
+    # hydra.run.dir follows job.output_dir (conf/config.yaml), so .hydra/ and the log land there too;
+    # job.output_dir still wins over an explicit hydra.run.dir. A sweep refuses job.output_dir.
+    out_dir = Path(cfg.job.output_dir) if cfg.job.output_dir and not multirun else Path(hc.runtime.output_dir)
     try:
         run = to_run_config(cfg)
         record = run_job(run, out_dir, list(hc.overrides.task))
@@ -82,12 +123,30 @@ def hydra_main(cfg: DictConfig) -> dict | None:
             _write_failure(out_dir, e, list(hc.overrides.task))
             return None
         exit_on_user_error(e)
+    except RunInterrupted as e:
+        if multirun:  # stop the whole sweep, after listing what is there
+            _summarize_quietly(Path(hc.sweep.dir))
+        exit_on_interrupt(e)
     c = record["counts"]
     log.info(
         "done: %d made, %d already there, %d failed, %d rows skipped -> %s",
         c["made"], c["skipped_existing"], c["failed"], c["skipped_rows"], out_dir,
     )
+    code, why = exit_status(record, bool(cfg.job.allow_empty))
+    if code and not multirun:  # a sweep's callback collects every job's status (pipeline/sweep.py)
+        print(f"error: {why}", file=sys.stderr)
+        sys.exit(code)
     return record
+
+
+def _summarize_quietly(sweep_dir: Path) -> None:
+    from pipeline.sweep import summarize
+
+    try:
+        if sweep_dir.is_dir():
+            summarize(sweep_dir, print_table=False)
+    except Exception as e:  # never hide the interrupt behind a summary problem
+        log.warning("could not write the sweep summary: %s", e)
 
 
 def _write_failure(out_dir: Path, error: Exception, overrides: list[str]) -> None:

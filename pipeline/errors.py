@@ -39,3 +39,21 @@ class DeviceError(PipelineError):
 
 class QuantizationError(PipelineError):
     """Quantization settings or a weight file that cannot be used."""
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a run after it saved what it had; the command exits 128 + signal number.
+
+    Not a PipelineError: nothing is wrong with the input, and the exit status tells a scheduler which
+    signal it was (130 for Ctrl-C, 143 for SIGTERM from `timeout`, SLURM or `docker stop`).
+    """
+
+    def __init__(self, signum: int, out_dir=None):
+        import signal as _signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.out_dir = out_dir
+        name = _signal.Signals(signum).name
+        where = f"; rerun the same command to finish (output: {out_dir})" if out_dir else ""
+        super().__init__(f"interrupted by {name}{where}")

@@ -1,7 +1,8 @@
 """After a Hydra multirun: one table of every job (overrides, images, time, peak memory).
 
 Registered as a Hydra callback in conf/config.yaml; writes sweep.json and sweep.md into the
-sweep folder and prints the table with rich.
+sweep folder and prints the table with rich. It also notes which jobs did not complete, for the
+command's exit status (pipeline/cli.py `run_entry` reads it with `take_outcome` once Hydra returns).
 """
 
 from __future__ import annotations
@@ -13,18 +14,47 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline.outcome import exit_status
 from pipeline.outputs.atomic import atomic_write_bytes, atomic_write_json
 
 COLUMNS = ("job", "overrides", "status", "made", "existing", "failed", "time_s", "peak_mem_mib")
 
 
-def collect(sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = []
+_outcome: dict[str, Any] | None = None
+
+
+def take_outcome() -> dict[str, Any] | None:
+    """The last sweep's outcome ({sweep_dir, jobs, not_complete: [(job, why)]}), once; None if none ran."""
+    global _outcome
+    taken, _outcome = _outcome, None
+    return taken
+
+
+def records(sweep_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Every job folder of a sweep that has a run.json, in job order, with the record."""
+    found = []
     for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir()), key=_job_number):
         run = job_dir / "run.json"
-        if not run.exists():
-            continue
-        rec = json.loads(run.read_text())
+        if run.exists():
+            found.append((job_dir, json.loads(run.read_text())))
+    return found
+
+
+def outcome(sweep_dir: Path) -> dict[str, Any]:
+    """Which jobs did not complete (by the same rule as a single run's exit status), and why."""
+    found = records(sweep_dir)
+    bad = []
+    for job_dir, rec in found:
+        allow_empty = bool(((rec.get("config") or {}).get("job") or {}).get("allow_empty", False))
+        code, why = exit_status(rec, allow_empty)
+        if code:
+            bad.append((job_dir.name, why))
+    return {"sweep_dir": str(sweep_dir), "jobs": len(found), "not_complete": bad}
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for job_dir, rec in records(sweep_dir):
         counts = rec.get("counts", {})
         mem = rec.get("memory", {})
         peak = mem.get("peak_cuda_allocated_bytes") or mem.get("peak_rss_bytes")
@@ -90,6 +120,8 @@ def summarize(sweep_dir: Path, print_table: bool = True) -> list[dict[str, Any]]
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _outcome
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
             summarize(sweep_dir)
+            _outcome = outcome(sweep_dir)

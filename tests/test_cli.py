@@ -1,4 +1,5 @@
-"""The command line as a user drives it: kill and resume, a 2x2 sweep, clear errors with exit code 2."""
+"""The command line as a user drives it: kill and resume, a 2x2 sweep, clear errors with exit code 2, runs that
+made nothing with exit code 3 (the in-process checks of the same are in test_exit_codes.py)."""
 
 from __future__ import annotations
 
@@ -88,17 +89,49 @@ def test_sweep_job_with_bad_settings_is_listed_as_failed_and_the_rest_run(tmp_pa
     sweep = tmp_path / "sweep"
     r = run_cli(["-m", "model=tiny-flux,flux.1-dev", "job.limit=1", f"hydra.sweep.dir={sweep}"],
                 env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 3, r.stderr  # the sweep ran to its end, but not every job completed
     jobs = {j["overrides"]: j for j in json.loads((sweep / "sweep.json").read_text())["jobs"]}
     assert jobs["model=tiny-flux job.limit=1"]["status"] == "complete"
     failed = jobs["model=flux.1-dev job.limit=1"]
     assert failed["status"] == "failed" and "is not on this machine" in failed["error"]
+    assert "model=flux.1-dev" in r.stdout  # the table came first
+    assert f"error: sweep incomplete: 1 of 2 jobs did not complete (see {sweep}/sweep.md):\n" in r.stderr, r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if ln.startswith("  1_")]
+    assert line.startswith("  1_job.limit=1,model=flux.1-dev: failed: ")
+    assert "'flux.1-dev' is not on this machine" in line
+    assert "Traceback" not in r.stderr
+
+
+def test_a_run_that_made_nothing_exits_3_and_says_why(tmp_path, write_manifest):
+    manifest = write_manifest("bad.jsonl", '{"prompt": ""}\n{"steps": 3}\n')
+    r = run_cli([f"job.manifest={manifest}", "job.on_error=skip", f"hydra.run.dir={tmp_path / 'out'}"])
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: nothing generated: {manifest} has 0 usable rows (2 skipped); "
+        "set job.allow_empty=true if an empty run is expected"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_job_output_dir_holds_the_hydra_folder_and_the_log(tmp_path, write_manifest):
+    """With job.output_dir, nothing goes to a stray outputs/<date>/<time>/ (cwd here is tmp_path); an empty run is
+    fine with job.allow_empty=true."""
+    manifest = write_manifest("empty.txt", "")
+    out = tmp_path / "mine"
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    r = run_cli([f"job.manifest={manifest}", f"job.output_dir={out}", "job.allow_empty=true"], cwd=tmp_path,
+                env={"PYTHONPATH": path})
+    assert r.returncode == 0, r.stderr
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "pipeline.log").exists() and (out / "run.json").exists()
+    assert "done: 0 made" in (out / "pipeline.log").read_text()
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize(
     "args,phrases",
     [
         (["sampler.stpes=4"], ["sampler.stpes: unknown key; did you mean sampler.steps?"]),
+        (["+job.prompt_column=Prompts"], ["error: job.prompt_column: unknown key; did you mean job.columns.prompt?"]),
+        (["sampler.steps=four"], ["error: sampler.steps: 'four' is not an integer\n"]),
         (["sampler.height=1000"], ["sampler.height: must be a multiple of 16", "992 or 1008"]),
         (["model=flux.1-dev"], ["Model 'flux.1-dev' is not on this machine", "hf download black-forest-labs/FLUX.1-dev"]),
         (["job.manifest=tests/data/bad_rows.jsonl"], ["tests/data/bad_rows.jsonl:2: prompt: missing",
@@ -112,3 +145,10 @@ def test_user_errors_exit_2_with_a_clear_message_and_no_traceback(args, phrases,
         assert phrase in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_svdq_quantize_checks_its_command_line_the_same_way(tmp_path):
+    r = run_cli(["quantization=int4_r64", f"hydra.run.dir={tmp_path / 'out'}"], module="pipeline.quantize_job")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr == ("error: quantization=int4_r64: no such option; available: auto, int4_r128, int4_r32, manual, "
+                        "none, nvfp4_r128, nvfp4_r32 (did you mean int4_r32?)\n")

@@ -78,7 +78,7 @@ def test_known_keys_groups_and_hydra_keys_pass_the_precheck():
     from pipeline.config.validate import unknown_override_keys
 
     ok = ["model=tiny-qwen-image", "sampler.steps=4", "sampler.scheduler.shift=3", "model.tiny.seed=1",
-          "hydra.run.dir=/tmp/x", "+foo=1", "-m", "quantization=none,int4_r32"]
+          "hydra.run.dir=/tmp/x", "+sampler.steps=4", "-m", "quantization=none,int4_r32"]
     assert unknown_override_keys(ok) == []
 
 
