@@ -176,8 +176,14 @@ def main(argv=None) -> list[dict]:
 
         configs = {"flux": SMOKE_FLUX, "qwen-image": SMOKE_QWEN}
     tokens, text = (64, 16) if args.tiny else (4096, 512)
-    rows = [measure(m, configs[m], v, tokens, text if m == "flux" or args.tiny else 256)
-            for m in args.models for v in args.variants]
+    from pipeline.progress import ItemLog
+
+    lines = ItemLog(len(args.models) * len(args.variants))  # stderr: stdout is the table
+    rows = []
+    for m in args.models:
+        for v in args.variants:
+            rows.append(measure(m, configs[m], v, tokens, text if m == "flux" or args.tiny else 256))
+            lines(f"{m} {v}")
     anchor = next((r for r in rows if (r["model"], r["variant"]) == ("flux", "bf16")), None)
     bandwidth = None
     if anchor and not args.tiny:

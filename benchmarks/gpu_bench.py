@@ -23,6 +23,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -348,9 +349,11 @@ def bench_transformer(family: str, config: dict, device, dtype, tokens: int, tex
     ablations = [v for v in variants if is_ablation(v)]  # last: the targets need the others
     plan = stages([v for v in variants if v not in ablations]) + stages(ablations)
     profiled: set[str] = set()
-    for variant, mode in plan:
+    for number, (variant, mode) in enumerate(plan, 1):
         if any(r.get("model") == family and r["variant"] == variant and "skipped" in r for r in rows):
             continue
+        # before the work (a full model's build or compile takes minutes); the `measured` line follows it
+        print(f"[{number}/{len(plan)}] {family} {variant} {mode}: building and timing", file=sys.stderr, flush=True)
         _free(device)
         model = build_transformer(family, config, device, dtype)
         if variant == "nf4":

@@ -289,10 +289,19 @@ def main(argv=None) -> list[Report]:
     modes = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.scale_mma]
     expands = {"auto": [None], "on": [True], "off": [False], "both": [False, True]}[args.expand]
     configs = range(len(kw.GEMM_CONFIGS[:args.configs]))
-    reports = [analyse(arch, dot, i, mode, expand) for arch, dot in targets
-               for i in configs for mode in modes for expand in expands]
+    jobs = [dict(arch=arch, dot=dot, index=i, scale_mma=mode, expand=expand) for arch, dot in targets
+            for i in configs for mode in modes for expand in expands]
     if not args.no_gelu_quant:  # the MLP's first layer, as run with the defaults
-        reports += [analyse(arch, dot, i, gelu_quant=True) for arch, dot in targets if dot != "fp16" for i in configs]
+        jobs += [dict(arch=arch, dot=dot, index=i, gelu_quant=True) for arch, dot in targets if dot != "fp16"
+                 for i in configs]
+    from pipeline.progress import ItemLog
+
+    lines = ItemLog(len(jobs))  # one stderr line per compile (seconds each): stdout is the table
+    reports = []
+    for job in jobs:
+        reports.append(analyse(**job))
+        r = reports[-1]
+        lines(f"sm_{r.arch} {r.dot} {r.config} {r.epilogue}")
     header = f"{'arch':>5} {'dot':>5} {'config':<16} {'epilogue':<10} {'sa⊗sw':>5} {'W':>6} {'regs':>4} {'spill':>5} {'in loop':>7} {'smem KB':>7} " \
              f"{'CTA/SM':>6} {'instr/group':>11} {'out/elem':>8} {'est. of peak':>12}"
     print(header)

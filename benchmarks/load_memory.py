@@ -317,7 +317,8 @@ def load_row(kind: str, label: str, blocks: tuple[int, int], file_bytes: int, fu
     return row
 
 
-def loads(blocks_q: tuple[int, int], blocks_16: tuple[int, int], workdir: Path) -> list[dict]:
+def loads(blocks_q: tuple[int, int], blocks_16: tuple[int, int], workdir: Path, done=None) -> list[dict]:
+    done = done or (lambda label: None)  # a progress line after each load
     rows = []
     config_q = model_config(LOAD_MODEL, blocks_q)
     folder_q = workdir / "model-svdq"
@@ -327,6 +328,7 @@ def loads(blocks_q: tuple[int, int], blocks_16: tuple[int, int], workdir: Path) 
     measured = run_child("svdq", folder_q, svdq, int(EXPECTED_PEAK["svdq"] * size_q))
     rows.append(load_row("svdq", "svdq int4 r32", blocks_q, size_q, full_svdq_bytes(), measured))
     rows[-1]["code_path"] = "pipeline.models.quantized.build_quantized_transformer (what a run with a file does)"
+    done(f"svdq int4 r32 load at {blocks_q[0]},{blocks_q[1]} blocks")
     svdq.unlink()
 
     config_16 = model_config(LOAD_MODEL, blocks_16)
@@ -338,6 +340,7 @@ def loads(blocks_q: tuple[int, int], blocks_16: tuple[int, int], workdir: Path) 
     rows.append(load_row("bf16", "bf16", blocks_16, size_16, full_bf16_state_bytes(), measured))
     rows[-1]["code_path"] = ("diffusers FluxTransformer2DModel.from_pretrained(folder, subfolder='transformer', "
                              "dtype=bfloat16) (defaults: low_cpu_mem_usage, memory-mapped safetensors)")
+    done(f"bf16 load at {blocks_16[0]},{blocks_16[1]} blocks")
     bf16.unlink()
     return rows
 
@@ -445,14 +448,18 @@ def main() -> None:
 
     result = {"benchmark": "load_memory", "quick": args.quick, "platform": platform_info()}
     started = time.perf_counter()
+    from pipeline.progress import ItemLog
+
+    lines = ItemLog(3)  # stderr: stdout is the tables and the target line
     result["sizes"] = sizes()
+    lines("sizes of both models at full size (meta device)")
     flux = next(r for r in result["sizes"] if r["model"] == "flux.1-dev")
     ours = next(f["ratio_bf16_over_file"] for f in flux["files"] if f["label"] == "int4 r32")
     result["published"] = {**PUBLISHED, "ours": ours, "ours_over_published": ours / PUBLISHED["ratio"],
                            "counted": "transformer parameters in bf16 vs every tensor of the int4 r32 file "
                                       "(AdaLN modulation as AWQ W4A16, as published); header not counted"}
     with tempfile.TemporaryDirectory(prefix="load_memory-", dir=args.workdir) as tmp:
-        result["loads"] = loads(blocks_q, blocks_16, Path(tmp))
+        result["loads"] = loads(blocks_q, blocks_16, Path(tmp), lines)
     result["target"] = target(result["loads"])
     result["comparison"] = comparison(result["loads"])
     result["notes"] = [

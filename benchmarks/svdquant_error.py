@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.progress import ItemLog
 from pipeline.quantization.quantizer import ActStats, svdquant_linear
 
 METHODS = [("plain W4A4", dict(rank=0, smooth=False)), ("smoothing W4A4", dict(rank=0))] + [
@@ -34,6 +35,7 @@ def outlier_layer(seed: int, k: int = 3072 // 4, n: int = 3072 // 4, m: int = 10
 
 def run(seeds: int) -> dict:
     rows = []
+    lines = ItemLog(2 * len(METHODS) * seeds)  # one stderr line per case: the whole run takes minutes
     for precision in ("int4", "nvfp4"):
         for label, kw in METHODS:
             errs, secs = [], []
@@ -46,6 +48,7 @@ def run(seeds: int) -> dict:
                 layer, report = svdquant_linear(w, b, stats, precision=precision, **kw)
                 secs.append(time.perf_counter() - t)
                 errs.append(float((layer(held) - ref).norm() / ref.norm()))
+                lines(f"{precision} {label} seed {seed}: rel.err {errs[-1]:.4f}")
             rows.append({"precision": precision, "method": label, "rank": kw["rank"],
                          "rel_error_mean": sum(errs) / len(errs), "rel_error_per_seed": errs,
                          "quantize_s_mean": sum(secs) / len(secs)})

@@ -5,14 +5,22 @@ Seeds: an image's seed is the row's `seed` if given, else `sampler.seed + row in
 `num_images: n` uses seed, seed+1, ..., seed+n-1. The same row gets the same seed in a rerun or a
 sweep. The settings hash covers everything that changes the pixels, so resume can tell a finished
 image from one made with other settings.
+
+Random seeds: `-1` (as in A1111 and ComfyUI) means "draw one". A row's `seed: -1` draws that row's
+first seed; `sampler.seed=-1` draws one base seed for the run, which then goes through the policy
+above (index: base + row index; fixed: base). Draws are uniform in 0..2**32-1 (A1111's range), made
+by `draw_random_seeds` before expansion and recorded in run.json; a rerun into the same folder passes
+the recorded ones back as `previous`, so it reuses them, gets the same settings hashes and file names,
+and finds its finished images. Every image whose seed came from a draw has `seed_drawn` set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from pipeline.config.schema import ModelConfig, ModelSource, RunConfig, SeedPolicy
 from pipeline.manifest import PromptRow
@@ -33,6 +41,7 @@ class ImageTask:
     width: int
     max_sequence_length: int
     settings_hash: str
+    seed_drawn: bool = False  # the seed came from a -1 (drawn at random, recorded in run.json's random_seeds)
 
     @property
     def stem(self) -> str:
@@ -44,10 +53,12 @@ class ImageTask:
         return (self.steps, self.guidance, self.true_cfg_scale, self.height, self.width, self.max_sequence_length)
 
     def params(self) -> dict[str, Any]:
+        """What made the image (the sidecar and PNG metadata); `seed_drawn` only where the seed was drawn."""
         return {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "seed": self.seed,
+            **({"seed_drawn": True} if self.seed_drawn else {}),
             "steps": self.steps,
             "guidance": self.guidance,
             "true_cfg_scale": self.true_cfg_scale,
@@ -91,16 +102,77 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
-def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any]) -> Iterator[ImageTask]:
+RANDOM_SEED = -1  # "draw one", as in A1111 and ComfyUI
+SEED_RANGE = 2**32  # drawn seeds are in 0..2**32-1, as A1111 draws them
+# random_seeds' key for a drawn base seed; the others are row ids, which cannot have parentheses
+SAMPLER_SEED_KEY = "(sampler.seed)"
+
+
+def draw_random_seeds(rows: Iterable[PromptRow], sampler_seed: int,
+                      previous: Optional[Mapping[str, Any]] = None) -> dict[str, int]:
+    """The seeds to use for every `-1`: {row id: first seed} for rows with `seed: -1`, and
+    {"(sampler.seed)": base seed} when `sampler_seed` is -1 and some row takes the sampler's seed.
+
+    Seeds found in `previous` (run.json's `random_seeds` from an earlier run into the same folder) are
+    reused, so a resumed run makes the same images and finds the finished ones; only missing ones are
+    drawn (`secrets.randbelow(2**32)`). Returns only the keys this run needs: record it as is."""
+    previous = previous or {}
+
+    def pick(key: str) -> int:
+        old = previous.get(key)
+        if isinstance(old, int) and not isinstance(old, bool) and 0 <= old < 2**63:
+            return old
+        return secrets.randbelow(SEED_RANGE)
+
+    seeds: dict[str, int] = {}
+    for row in rows:
+        if row.seed == RANDOM_SEED:
+            seeds[row.id] = pick(row.id)
+        elif row.seed is None and sampler_seed == RANDOM_SEED and SAMPLER_SEED_KEY not in seeds:
+            seeds[SAMPLER_SEED_KEY] = pick(SAMPLER_SEED_KEY)
+    return seeds
+
+
+def recorded_random_seeds(run_json) -> dict[str, Any]:
+    """`random_seeds` of an earlier run's run.json (the `previous` of draw_random_seeds); {} if there is none."""
+    from pathlib import Path
+
+    try:
+        seeds = json.loads(Path(run_json).read_text()).get("random_seeds")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return dict(seeds) if isinstance(seeds, dict) else {}
+
+
+def _first_seed(row: PromptRow, cfg: RunConfig, random_seeds: Mapping[str, int]) -> tuple[int, bool]:
+    """The row's first seed, and whether it was drawn."""
+    s = cfg.sampler
+    if row.seed is not None and row.seed != RANDOM_SEED:
+        return row.seed, False
+    if row.seed == RANDOM_SEED:
+        return _drawn(random_seeds, row.id, row), True
+    base = _drawn(random_seeds, SAMPLER_SEED_KEY, row) if s.seed == RANDOM_SEED else s.seed
+    return (base + row.index if s.seed_policy == SeedPolicy.index else base), s.seed == RANDOM_SEED
+
+
+def _drawn(random_seeds: Mapping[str, int], key: str, row: PromptRow) -> int:
+    if key not in random_seeds:
+        raise ValueError(f"row {row.id!r} (line {row.line}): seed -1 but random_seeds has no {key!r}; "
+                         "pass expand() what draw_random_seeds(rows, sampler.seed, previous) returned")
+    return random_seeds[key]
+
+
+def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any],
+           random_seeds: Optional[Mapping[str, int]] = None) -> Iterator[ImageTask]:
+    """One task per image. `random_seeds` (from draw_random_seeds) gives the seeds of `-1`s; without it they
+    are drawn here, unrecorded: a run that may be resumed passes the mapping it recorded."""
     s, rec = cfg.sampler, cfg.model.recommended
     base = json.dumps(identity, sort_keys=True)
+    rows = list(rows)
+    if random_seeds is None:
+        random_seeds = draw_random_seeds(rows, s.seed)
     for row in rows:
-        if row.seed is not None:
-            first_seed = row.seed
-        elif s.seed_policy == SeedPolicy.index:
-            first_seed = s.seed + row.index
-        else:
-            first_seed = s.seed
+        first_seed, drawn = _first_seed(row, cfg, random_seeds)
         for k in range(row.num_images):
             settings = dict(
                 prompt=row.prompt,
@@ -114,7 +186,7 @@ def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any]) 
                 max_sequence_length=_first(s.max_sequence_length, rec.max_sequence_length),
             )
             digest = hashlib.sha256((base + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:16]
-            yield ImageTask(row=row, number=k, settings_hash=digest, **settings)
+            yield ImageTask(row=row, number=k, settings_hash=digest, seed_drawn=drawn, **settings)
 
 
 def batches(tasks: list[ImageTask], batch_size: int) -> Iterator[list[ImageTask]]:

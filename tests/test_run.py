@@ -121,14 +121,15 @@ def test_rerun_skips_finished_images_and_redoes_changed_or_missing(tmp_path):
     (out / "ramen_2.json").unlink()  # an image without its sidecar counts as unfinished
     record, _ = run(tmp_path, "job.limit=3")
     assert record["counts"]["made"] == 1 and record["images"][0]["file"] == "ramen_2.png"
-    record, _ = run(tmp_path, "job.limit=3", "sampler.steps=2")  # ramen sets its own steps: kept
+    # Other settings replace finished images only with job.overwrite=true (test_batch_safety.py: the refusal).
+    record, _ = run(tmp_path, "job.limit=3", "sampler.steps=2", "job.overwrite=true")  # ramen sets its own steps: kept
     assert record["counts"]["made"] == 2 and record["counts"]["skipped_existing"] == 1
-    record, _ = run(tmp_path, "job.limit=3", "sampler.guidance=2.0")  # other settings: other hash
+    record, _ = run(tmp_path, "job.limit=3", "sampler.guidance=2.0", "job.overwrite=true")  # other hash
     assert record["counts"]["made"] == 3
-    record, _ = run(tmp_path, "job.limit=3", "sampler.guidance=2.0", "job.overwrite=true")
-    assert record["counts"]["made"] == 3 and record["counts"]["skipped_existing"] == 0
+    record, _ = run(tmp_path, "job.limit=3", "sampler.guidance=2.0", "job.overwrite=true")  # same settings: kept
+    assert record["counts"]["made"] == 0 and record["counts"]["skipped_existing"] == 3
     lines = (out / "index.jsonl").read_text().splitlines()
-    assert all(json.loads(line)["file"].endswith(".png") for line in lines)
+    assert sorted(json.loads(line)["file"] for line in lines) == ["cat_0.png", "lighthouse_42.png", "ramen_2.png"]
 
 
 def test_finished_but_unindexed_images_are_indexed_on_resume(tmp_path):
@@ -172,14 +173,14 @@ def test_on_error_skip_generates_the_rest_and_records_skipped_rows(tmp_path, wri
 def test_failed_batch_is_recorded_with_reason_in_skip_mode_and_fatal_in_abort(tmp_path, monkeypatch):
     real = runner.generate_batch
 
-    def flaky(pipe, family, batch):
+    def flaky(pipe, family, batch, **kw):
         if any(t.row.id == "ramen" for t in batch):
             raise RuntimeError("simulated out of memory")
-        return real(pipe, family, batch)
+        return real(pipe, family, batch, **kw)
 
     monkeypatch.setattr(runner, "generate_batch", flaky)
     record, out = run(tmp_path, "job.on_error=skip", "job.limit=3")
-    assert record["status"] == "complete" and record["counts"]["made"] == 2 and record["counts"]["failed"] == 1
+    assert record["status"] == "incomplete" and record["counts"]["made"] == 2 and record["counts"]["failed"] == 1
     assert record["failed"] == [{"file": "ramen_2.png", "line": 3, "reason": "RuntimeError: simulated out of memory"}]
     with pytest.raises(RuntimeError, match="simulated"):
         run(tmp_path, "job.limit=3", name="abort")

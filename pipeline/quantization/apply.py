@@ -104,7 +104,22 @@ def calibrate(pipe, cfg, height: int, width: int, max_sequence_length: int):
                                    max_sequence_length=max_sequence_length)
     log.info("calibrating: %d prompts x %d steps at %dx%d (%s)", len(prompts), c.steps, settings.width,
              settings.height, manifest.path)
-    return collect_stats(pipe, targets_for(pipe.transformer), settings)
+    # one line per denoising step (one transformer call each: calibration runs without CFG)
+    from pipeline.progress import ItemLog
+
+    n_batches = -(-len(prompts) // settings.batch_size)
+    lines = ItemLog(n_batches * c.steps, emit=log.info)
+
+    def step_done(module, args, output) -> None:
+        if lines.done < lines.total:
+            batch, step = divmod(lines.done, c.steps)
+            lines(f"calibration: prompt batch {batch + 1}/{n_batches}, step {step + 1}/{c.steps}")
+
+    handle = pipe.transformer.register_forward_hook(step_done)
+    try:
+        return collect_stats(pipe, targets_for(pipe.transformer), settings)
+    finally:
+        handle.remove()
 
 
 def quantize_in_process(pipe, plan: QuantPlan, cfg, summary: "QuantSummary") -> None:
