@@ -87,15 +87,22 @@ def kernels_then_reference(monkeypatch, transformer, model: str, module, name: s
     return out, ref, len(calls)
 
 
+# One block of each kind: what a whole-transformer kernel test needs to see (the Triton interpreter's cost grows
+# with every layer it runs, and these tests run the transformer four times).
+ONE_BLOCK_EACH = ("model.tiny.num_layers=1", "model.tiny.num_single_layers=1")
+
+
 def fusion_on_and_off(monkeypatch, model: str, fusion, module, name: str, when=None):
-    """A quantized tiny transformer built with a fusion on, and one built with it off (`fusion.ENABLED`), each
-    run as kernels_then_reference runs it: (the first transformer, its results, the second's results)."""
+    """A quantized tiny transformer (one block of each kind) built with a fusion on, and one built with it off
+    (`fusion.ENABLED`), each run as kernels_then_reference runs it: (the first transformer, its results, the
+    second's results)."""
     from test_checkpoint import quantized_pipe
 
-    on_model = quantized_pipe(model, "int4").transformer
+    on_model = quantized_pipe(model, "int4", *ONE_BLOCK_EACH).transformer
     on = kernels_then_reference(monkeypatch, on_model, model, module, name, when)
     monkeypatch.setattr(fusion, "ENABLED", False)
-    off = kernels_then_reference(monkeypatch, quantized_pipe(model, "int4").transformer, model, module, name, when)
+    off = kernels_then_reference(monkeypatch, quantized_pipe(model, "int4", *ONE_BLOCK_EACH).transformer, model,
+                                 module, name, when)
     return on_model, on, off
 
 

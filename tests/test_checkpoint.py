@@ -34,8 +34,8 @@ def forward(transformer, model):
         return transformer(**transformer_inputs(model)).sample
 
 
-def quantized_pipe(model: str, precision: str):
-    pipe = build_tiny(run_config([f"model={model}"]).model)
+def quantized_pipe(model: str, precision: str, *overrides: str):
+    pipe = build_tiny(run_config([f"model={model}", *overrides]).model)
     pipe.set_progress_bar_config(disable=True)
     stats = collect_stats(pipe, targets_for(pipe.transformer),
                           CalibrationSettings(prompts=["a dog", "a red house"], steps=2, height=64, width=64,

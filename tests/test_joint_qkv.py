@@ -76,12 +76,12 @@ def test_double_blocks_project_both_streams_into_one_tensor_and_match_the_separa
     """With the kernels on, each double block's attention runs one joint projection (FLUX's single blocks have a
     single stream already); the transformer's output is bit for bit the one with separate projections and
     torch.cat, and the reference path never takes it."""
-    from conftest import kernels_then_reference
+    from conftest import ONE_BLOCK_EACH, kernels_then_reference
     from test_checkpoint import quantized_pipe
 
     from pipeline.quantization import fused_attention
 
-    transformer = quantized_pipe(model, "int4").transformer
+    transformer = quantized_pipe(model, "int4", *ONE_BLOCK_EACH).transformer
     joint, ref, calls = kernels_then_reference(monkeypatch, transformer, model, ops, "w4a4_linear_joint")
     assert calls == len(transformer.transformer_blocks)
     monkeypatch.setattr(fused_attention, "joint_projections", lambda attn, hidden, context: None)

@@ -314,11 +314,12 @@ def test_awq_layer_uses_the_gemv_for_few_rows_and_compiles_without_graph_breaks(
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image"])
 def test_whole_quantized_transformer_traces_as_one_graph(monkeypatch, model):
     """torch.compile sees the whole INT4 transformer (W4A4 layers, AWQ modulation) with no graph break."""
+    from conftest import ONE_BLOCK_EACH
     from test_checkpoint import quantized_pipe, transformer_inputs
 
     if DEVICE.type == "cpu":
         monkeypatch.setenv("SVDQ_KERNELS", "triton")
-    transformer = quantized_pipe(model, "int4").transformer.to(DEVICE)
+    transformer = quantized_pipe(model, "int4", *ONE_BLOCK_EACH).transformer.to(DEVICE)
     kw = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in transformer_inputs(model).items()}
     explain = torch._dynamo.explain(transformer)(**kw)
     assert (explain.graph_count, explain.graph_break_count) == (1, 0), explain.break_reasons
