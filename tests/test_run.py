@@ -69,6 +69,10 @@ def test_sidecar_and_png_chunk_hold_the_generation_parameters(demo_run):
     assert side["model"] == "tiny-flux" and side["quantization"]["decided_by"] == "auto"
     assert (side["quantization"]["precision"], side["quantization"]["rank"], side["quantization"]["act_unsigned"]) == ("int4", 32, True)
     assert side["manifest_line"] == 6 and side["row_index"] == 5
+    # the per-layer report is run.json's, once; the sidecar keeps the totals (it was 8.5 KB a sidecar)
+    summary = side["quantization"]["summary"]
+    assert "layers" not in summary and summary["layers_in"] == "run.json" and summary["layers_swapped"] == 30
+    assert (out / "neon_5.json").stat().st_size < 4096
     embedded = read_png_params(out / "neon_5.png")
     assert embedded["seed"] == 5 and embedded["prompt"] == side["prompt"]
     assert embedded["settings_hash"] == side["settings_hash"]
