@@ -178,7 +178,7 @@ def test_nvfp4_scales_may_sit_in_either_tensor(tmp_path):
 @pytest.mark.slow
 def test_a_full_size_flux_file_loads_into_a_meta_built_transformer_and_runs(tmp_path):
     """FLUX.1-dev int4 r32 at full size (6.77 GB, sparse: a few hundred MB of disk), legacy names as published,
-    AWQ modulation: built on the meta device, filled from the file alone, one reference forward at 2x2 latents."""
+    AWQ modulation: built on the meta device, filled from the file alone, a reference forward at 2x2 latents."""
     config = json.loads((CONFIGS / "flux.1-dev.json").read_text())
     transformer = meta("flux.1-dev")
     path = tmp_path / "svdq-int4_r32-flux.1-dev.safetensors"
@@ -192,6 +192,10 @@ def test_a_full_size_flux_file_loads_into_a_meta_built_transformer_and_runs(tmp_
     assert len(names) == 19 * 10 + 38 * 5  # double: 8 W4A4 + 2 AWQ; single: 4 W4A4 + 1 AWQ
     assert not any(t.is_meta for t in [*transformer.parameters(), *transformer.buffers()])
     assert isinstance(transformer.transformer_blocks[18].norm1_context.linear, AWQW4A16Linear)
+    # every layer is loaded and checked above; the forward runs one block of each kind (the same code as the other
+    # 18 and 37, at full width) plus the embedders and proj_out: 2 s instead of 17 on 2 cores
+    transformer.transformer_blocks = transformer.transformer_blocks[-1:]
+    transformer.single_transformer_blocks = transformer.single_transformer_blocks[:1]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         out = transformer(hidden_states=torch.randn(1, 4, 64, generator=g).bfloat16(),
