@@ -7,6 +7,23 @@ each image's PNG and sidecar are written atomically before its index line; run.j
 the start and the end, so a killed run says `running` (the next run into the folder records it as
 `killed`) and a rerun into the same folder makes exactly the missing images.
 
+Batches and bytes: batches are formed over the job's WHOLE task list in manifest order (tasks.plan_batches), and
+only those with a missing image are run: a partly finished batch is made whole again and only its missing images are
+written (the finished ones are neither rewritten nor counted). So an image's bytes depend only on its row, the
+settings and job.batch_size, not on what was on disk or how many processes shared the job (device, dtype, torch
+version and CPU thread count still change them).
+
+Data-parallel runs (torchrun, accelerate launch, srun: pipeline/distributed.py): batch i belongs to rank
+i % world_size. Only rank 0 takes the folder lock, and it shares the outcome (and its drawn seeds and folder) with
+the others; every rank then reads the folder and reaches the same decisions (resume, WouldOverwrite) before anyone
+writes; rank 0 writes the initial run.json and rebuilds index.jsonl; a barrier; each rank makes its batches, writes
+its images, appends their index lines and rewrites its part `ranks/rank-<r>.json` after each batch. Rank 0 shows
+the progress of all ranks (it reads their parts), waits for every part to be final (or its process gone), then
+merges them into run.json (each image counted once, `ranks` lists every rank, `missing` the images not on disk),
+rebuilds index.jsonl from the sidecars and writes grid.png. A rank that dies leaves the run incomplete: the others
+are stopped by the launcher (SIGTERM: interrupted, exit 143) and a rerun with any number of ranks makes exactly the
+missing images.
+
 Final statuses (run.json `status`): complete (every planned image is on disk), incomplete (some
 batches failed with job.on_error=skip), empty (nothing planned), interrupted (SIGINT/SIGTERM: see
 pipeline/interrupt.py; run_job raises RunInterrupted after writing run.json), failed (an exception,
@@ -29,8 +46,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from pipeline import distributed
 from pipeline.config.schema import OnError, RunConfig
-from pipeline.errors import ManifestError, RunInterrupted
+from pipeline.errors import ManifestError, PipelineError, RunInterrupted
 from pipeline.interrupt import Stop, StopSignals, signal_name
 from pipeline.manifest import PROJECT_ROOT, Manifest, read_manifest, resolve_manifest_path
 from pipeline.loading import check_reference_available, load_models
@@ -38,7 +56,7 @@ from pipeline.models import resolve_device, resolve_dtype
 from pipeline.models.memory import Workload
 from pipeline.models.prompt_limits import truncated_rows
 from pipeline.outputs.atomic import atomic_write_json, remove_stale_temp_files
-from pipeline.outputs.existing import Index, WouldOverwrite, finished_images, partition
+from pipeline.outputs.existing import Index, WouldOverwrite, finished_images, index_line, partition
 from pipeline.outputs.grid import write_grid
 from pipeline.outputs.images import write_image
 from pipeline.outputs.lock import FolderLock
@@ -46,10 +64,13 @@ from pipeline.progress import progress, step_callback
 from pipeline.quantization import QuantPlan, reconcile, resolve_plan
 from pipeline.quantization.file_info import CheckpointInfo
 from pipeline.runinfo import PeakMemory, Stopwatch, device_name, git_commit, package_versions
-from pipeline.tasks import ImageTask, batches, draw_random_seeds, expand, recorded_random_seeds, run_identity
+from pipeline.tasks import (Batch, ImageTask, draw_random_seeds, expand, plan_batches, recorded_random_seeds,
+                            run_identity)
 
 log = logging.getLogger("pipeline")
 RUN_FILE, GRID_FILE = "run.json", "grid.png"
+RANKS_DIR = "ranks"  # ranks/rank-<r>.json: each rank's part of a data-parallel run
+FINAL = ("complete", "incomplete", "empty", "interrupted", "failed", "gone")
 
 
 def load_manifest(cfg: RunConfig) -> Manifest:
@@ -106,14 +127,71 @@ def skipped_row_count(manifest: Manifest) -> int:
 
 @dataclass
 class RunState:
-    """What run.json says; rewritten atomically whenever it changes in a way worth keeping."""
+    """What run.json says; rewritten atomically whenever it changes in a way worth keeping. In a data-parallel run
+    every rank also rewrites its part, ranks/rank-<r>.json, and only rank 0 writes run.json."""
 
     out_dir: Path
     index: Index
     record: dict[str, Any] = field(default_factory=dict)
+    group: distributed.Group = field(default_factory=lambda: distributed.Group(distributed.Launch()))
+    batches: list[int] = field(default_factory=list)  # numbers of the batches this rank makes
+    planned_here: int = 0  # images this rank is to write
 
     def save(self) -> None:
-        atomic_write_json(self.out_dir / RUN_FILE, self.record)
+        if self.group.distributed:
+            atomic_write_json(rank_file(self.out_dir, self.group.rank), self.part())
+        if self.group.is_main:
+            atomic_write_json(self.out_dir / RUN_FILE, self.record)
+
+    def part(self) -> dict[str, Any]:
+        """This rank's part of the run (ranks/rank-<r>.json)."""
+        rec = self.record
+        c = rec["counts"]
+        return {
+            "rank": self.group.rank, "world_size": self.group.world_size, "local_rank": self.group.local_rank,
+            "pid": os.getpid(), "host": socket.gethostname(), "device": rec["device"],
+            "status": rec.get("rank_status", "running"), "started_at": rec["started_at"],
+            "finished_at": rec.get("rank_finished_at"), "batches": self.batches, "planned": self.planned_here,
+            "made": c["made"], "failed": c["failed"], "replaced": c.get("replaced", 0),
+            "images": rec["images"], "failed_images": rec["failed"], "timing": rec["timing"],
+            "memory": rec["memory"],
+            **{k: rec[k] for k in ("signal", "error") if k in rec},
+        }
+
+
+def rank_file(out_dir: Path, rank: int) -> Path:
+    return Path(out_dir) / RANKS_DIR / f"rank-{rank}.json"
+
+
+def read_parts(out_dir: Path, world_size: int) -> dict[int, dict[str, Any]]:
+    """{rank: its part} of the parts on disk (a missing or unreadable one is left out)."""
+    parts = {}
+    for r in range(world_size):
+        try:
+            data = json.loads(rank_file(out_dir, r).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            parts[r] = data
+    return parts
+
+
+def _part_final(part: Optional[dict[str, Any]]) -> bool:
+    """The rank has finished (its status says so), or its process is gone (same host, pid dead)."""
+    if part is None:
+        return False
+    if part.get("status") in FINAL:
+        return True
+    pid, host = part.get("pid"), part.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            part["status"] = "gone"
+            return True
+        except PermissionError:
+            pass
+    return False
 
 
 def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -123,7 +201,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
     any model is loaded; RunInterrupted after SIGINT/SIGTERM (run.json then says `interrupted`, unless the
     signal came before the run had the folder); any other exception after recording it as `failed`."""
     clock = Stopwatch()
-    with StopSignals() as stop:
+    with StopSignals() as stop, distributed.Group(distributed.detect()) as group:
         lock = FolderLock(out_dir, cfg.job.wait_for_lock)
         try:
             try:
@@ -133,12 +211,15 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
                     for note in plan.notes:
                         log.info("quantization: %s", note)
                     device = resolve_device(cfg.sampler.device)
+                    if device.type == "cuda" and group.distributed:
+                        device = group.cuda_device()  # cuda:LOCAL_RANK, also the current device
                     dtype = resolve_dtype(cfg.sampler.dtype, device)
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    lock.acquire()
+                    start = _take_folder(cfg, manifest, out_dir, lock, group)
+                    out_dir = Path(start["out_dir"])
             except (Stop, KeyboardInterrupt) as e:
                 raise RunInterrupted(getattr(e, "signum", signal.SIGINT), out_dir) from None
-            record = _run_locked(cfg, manifest, plan, info, device, dtype, out_dir, overrides, stop, clock)
+            record = _run_locked(cfg, manifest, plan, info, device, dtype, out_dir, overrides, stop, clock,
+                                 group, start)
         finally:
             lock.release()
     if stop.unhandled is not None:  # it came while the run wrote its final record: still, stop a sweep here
@@ -146,54 +227,117 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
     return record
 
 
+class RankRefused(PipelineError):
+    """Rank 0 could not take the output folder (another run holds it...): every rank stops with its message."""
+
+
+def _take_folder(cfg: RunConfig, manifest: Manifest, out_dir: Path, lock: FolderLock,
+                 group: distributed.Group) -> dict[str, Any]:
+    """Rank 0 (the only process of a one-process run) locks the folder, clears what a killed run left (temp files,
+    ranks/ parts) and draws the seeds of -1s; the outcome goes to every rank: {"out_dir", "previous_seeds",
+    "random_seeds", "previous_parts"}. Ranks > 0 raise rank 0's refusal."""
+    if not group.is_main:
+        got = group.share(None)
+        if "error" in got:
+            raise RankRefused(got["error"])
+        Path(got["out_dir"]).mkdir(parents=True, exist_ok=True)
+        return got
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        remove_stale_temp_files(out_dir)  # only now: another run's temp files were in use until we had the lock
+        previous_parts = _clear_parts(out_dir)
+        if group.distributed:
+            (out_dir / RANKS_DIR).mkdir(exist_ok=True)
+        previous_seeds = recorded_random_seeds(out_dir / RUN_FILE)  # seeds an earlier run here drew for -1: reused
+        random_seeds = draw_random_seeds(manifest.rows, cfg.sampler.seed, previous_seeds)
+    except BaseException as e:
+        group.share({"error": f"rank 0: {e}" if str(e) else f"rank 0 stopped: {type(e).__name__}"})
+        raise
+    return group.share({"out_dir": str(out_dir), "previous_seeds": previous_seeds, "random_seeds": random_seeds,
+                        "previous_parts": previous_parts})
+
+
+def _clear_parts(out_dir: Path) -> list[dict[str, Any]]:
+    """Remove the ranks/ parts an earlier run left; return their summaries (for previous_runs)."""
+    folder = out_dir / RANKS_DIR
+    if not folder.is_dir():
+        return []
+    summaries = []
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith("rank-") and f.suffix == ".json":
+            try:
+                d = json.loads(f.read_text())
+                summaries.append({k: d.get(k) for k in ("rank", "status", "made", "failed", "pid", "host")})
+            except (OSError, ValueError, AttributeError):
+                pass
+        if f.is_file():
+            f.unlink(missing_ok=True)
+    return sorted(summaries, key=lambda d: d.get("rank") if isinstance(d.get("rank"), int) else -1)
+
+
 def _run_locked(cfg: RunConfig, manifest: Manifest, plan: QuantPlan, info: Optional[CheckpointInfo],
                 device: torch.device, dtype: torch.dtype, out_dir: Path, overrides: list[str] | None,
-                stop: StopSignals, clock: Stopwatch) -> dict[str, Any]:
-    """The run, holding the folder lock. Signals are acted on at safe points from here on."""
-    remove_stale_temp_files(out_dir)  # only now: another run's temp files were in use until we had the lock
-    previous_seeds = recorded_random_seeds(out_dir / RUN_FILE)  # seeds an earlier run here drew for -1: reused
-    random_seeds = draw_random_seeds(manifest.rows, cfg.sampler.seed, previous_seeds)
+                stop: StopSignals, clock: Stopwatch, group: Optional[distributed.Group] = None,
+                start: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The run, holding the folder lock (rank 0 does). Signals are acted on at safe points from here on."""
+    group = group or distributed.Group(distributed.Launch())
+    start = start or {}
+    previous_seeds, random_seeds = start.get("previous_seeds", {}), start.get("random_seeds", {})
     tasks = list(expand(manifest.rows, cfg, run_identity(cfg, plan, str(dtype)), random_seeds=random_seeds))
-    finished = finished_images(out_dir)
+    finished = finished_images(out_dir)  # every rank: nobody writes before the barrier below
     part = partition(tasks, finished)
     if part.conflicts and not cfg.job.overwrite:
         raise WouldOverwrite(out_dir, part.conflicts, {**_image_settings(cfg, plan), "dtype": _dtype_name(dtype)})
-    state = RunState(out_dir, Index.rebuild(out_dir, finished))
-    state.record = _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides)
+    todo = plan_batches(tasks, cfg.job.batch_size, part.pending, group.rank, group.world_size)
+    if group.is_main:
+        index = Index.rebuild(out_dir, finished)
+    else:
+        index = Index(out_dir)
+        index.lines = {name: index_line(side) for name, side in finished.items()}
+    index.append_only = group.distributed
+    state = RunState(out_dir, index, group=group, batches=[b.number for b in todo],
+                     planned_here=sum(len(b.pending) for b in todo))
+    state.record = _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides,
+                                   previous=group.is_main, previous_parts=start.get("previous_parts"))
     state.record["counts"].update(planned=len(tasks), skipped_existing=len(part.done))
+    if group.distributed:
+        state.record.update(world_size=group.world_size, launcher=group.launch.launcher)
     if random_seeds or previous_seeds:  # kept across reruns, also those of rows this run leaves out
         state.record["random_seeds"] = {**previous_seeds, **random_seeds}
     if random_seeds:
         log.info("random seeds (-1): %s", ", ".join(f"{k}={v}" for k, v in random_seeds.items()))
-    if part.conflicts:
+    if part.conflicts and group.is_main:
         log.warning("job.overwrite=true: replacing %d finished image(s) made with other settings in %s",
                     len(part.conflicts), out_dir)
     state.save()
+    group.barrier()  # rank 0 has rebuilt index.jsonl and written run.json: the ranks may write now
     if part.done:
         log.info("resume: %d of %d images already in %s", len(part.done), len(tasks), out_dir)
+    if group.distributed:
+        log.info("rank %d of %d (%s): %d of %d batches with missing images are this rank's", group.rank,
+                 group.world_size,
+                 group.launch.launcher, len(todo), sum(1 for _ in plan_batches(tasks, cfg.job.batch_size,
+                                                                                part.pending)))
 
     try:
         if not tasks:
             state.record["reason"] = (f"the manifest has 0 usable rows ({state.record['counts']['skipped_rows']} "
                                       "skipped)")
             log.warning("nothing to generate: %s", state.record["reason"])
-            _finish(cfg, tasks, state, clock, status="empty")
+            _finish(cfg, tasks, state, clock, status="empty", overrides=overrides, stop=stop)
             return state.record
         if part.pending:
-            _generate_all(cfg, plan, info, part.pending, state, stop,
-                          largest_call(part.pending, cfg.job.batch_size, dtype.itemsize))
+            _generate_all(cfg, plan, info, todo, len(part.pending), state, stop, device,
+                          largest_call([t for b in todo for t in b.tasks], cfg.job.batch_size, dtype.itemsize))
         stop.check()  # a signal during the last batch's saving: say so rather than `complete`
-        counts = state.record["counts"]
-        if counts["failed"]:
-            state.record["reason"] = (f"{counts['failed']} of {counts['planned']} images failed "
-                                      "(job.on_error=skip); rerun the same command to retry them")
-            state.record["resume"] = resume_command(overrides, out_dir)
-        _finish(cfg, tasks, state, clock, status="incomplete" if counts["failed"] else "complete")
+        _finish(cfg, tasks, state, clock, status="incomplete" if state.record["counts"]["failed"] else "complete",
+                overrides=overrides, stop=stop)
     except (Stop, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)  # KeyboardInterrupt: no handler of ours (not the main thread)
         state.record["signal"] = signal_name(signum)
         state.record["resume"] = resume_command(overrides, out_dir)
-        _finish(cfg, tasks, state, clock, status="interrupted")
+        _finish(cfg, tasks, state, clock, status="interrupted", overrides=overrides)
         c = state.record["counts"]
         log.warning("interrupted by %s: %d image(s) made now, %d of %d on disk; to finish, rerun: %s",
                     signal_name(signum), c["made"], c["made"] + c["skipped_existing"], c["planned"],
@@ -205,7 +349,7 @@ def _run_locked(cfg: RunConfig, manifest: Manifest, plan: QuantPlan, info: Optio
         state.record["error"] = f"{type(e).__name__}: {e}"
         if getattr(e, "record", None) is not None:  # the kernel self-check's findings (quantization.strict)
             state.record["quantization"]["kernel_check"] = e.record
-        _finish(cfg, tasks, state, clock, status="failed")
+        _finish(cfg, tasks, state, clock, status="failed", overrides=overrides)
         raise
     return state.record
 
@@ -232,51 +376,102 @@ def _image_settings(cfg: RunConfig, plan: QuantPlan) -> dict[str, Any]:
     }
 
 
-def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], pending: list[ImageTask],
-                  state: RunState, stop: StopSignals, work: Workload) -> None:
-    rec = state.record
-    load = Stopwatch()
-    with stop.immediate():  # loading writes nothing: a signal need not wait for it to end
-        models = load_models(cfg, plan, info, work)
-    pipe, device = models.pipe, models.device
-    rec["quantization"]["summary"] = models.summary.to_dict()
-    rec["placement"] = models.placement.to_dict()
-    if models.kernel_check is not None:
-        rec["quantization"]["kernel_check"] = models.kernel_check
-    rec["timing"]["model_load_s"] = round(load.elapsed(), 4)
-    truncated = truncated_rows(pipe, cfg.model.family, pending)  # one warning per row that loses tokens
-    if truncated:
-        rec["prompt_truncated"] = truncated
+def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], todo: list[Batch],
+                  pending_total: int, state: RunState, stop: StopSignals, device: torch.device,
+                  work: Workload) -> None:
+    """Make this rank's batches (`todo`); `pending_total` is the images all ranks write (rank 0's progress)."""
+    rec, group = state.record, state.group
+    models = None
+    if todo:
+        load = Stopwatch()
+        with stop.immediate():  # loading writes nothing: a signal need not wait for it to end
+            models = load_models(cfg, plan, info, work)
+        device = models.device
+        rec["quantization"]["summary"] = models.summary.to_dict()
+        rec["placement"] = models.placement.to_dict()
+        if models.kernel_check is not None:
+            rec["quantization"]["kernel_check"] = models.kernel_check
+        rec["timing"]["model_load_s"] = round(load.elapsed(), 4)
+        truncated = truncated_rows(models.pipe, cfg.model.family, [t for b in todo for t in b.pending])
+        if truncated:
+            rec["prompt_truncated"] = truncated
     state.save()
     memory = PeakMemory(device)
-    with memory, progress(len(pending), cfg.job.progress) as bar:
-        for batch in batches(pending, cfg.job.batch_size):
+    mode = cfg.job.progress if group.is_main else "none"  # ranks > 0: nothing per image
+    with memory, progress(pending_total, mode) as bar:
+        shown = _Shown(bar, state)
+        for batch in todo:
             stop.check()
             clock = Stopwatch()
+            pending = batch.pending
             try:
-                steps = step_callback(bar, batch[0].steps, label=batch[0].stem)
-                images = generate_batch(pipe, cfg.model.family, batch, on_step=[steps, stop.step_end])
+                steps = step_callback(bar, batch.tasks[0].steps, label=pending[0].stem)
+                images = generate_batch(models.pipe, cfg.model.family, list(batch.tasks),
+                                        on_step=[steps, stop.step_end])
             except Exception as e:
                 if cfg.job.on_error == OnError.abort:
                     raise
                 reason = f"{type(e).__name__}: {e}"
-                log.error("batch of %d failed: %s", len(batch), reason)
-                rec["failed"] += [{"file": f"{t.stem}.png", "line": t.row.line, "reason": reason} for t in batch]
-                rec["counts"]["failed"] += len(batch)
-                bar.advance(len(batch), "failed")
+                log.error("batch of %d failed: %s", len(batch.tasks), reason)
+                rec["failed"] += [{"file": f"{t.stem}.png", "line": t.row.line, "reason": reason} for t in pending]
+                rec["counts"]["failed"] += len(pending)
+                state.save()
+                shown.update("failed")
                 continue
-            per_image = clock.elapsed() / len(batch)
-            psnrs = (_compare(models, cfg.model.family, batch, images, rec, stop) if models.reference is not None
-                     else [None] * len(batch))
-            for task, image, psnr in zip(batch, images, psnrs):
-                _save(cfg, plan, task, image, per_image, len(batch), state, device, psnr)
-            bar.advance(len(batch), batch[-1].stem)
+            per_image = clock.elapsed() / len(batch.tasks)
+            psnrs = (_compare(models, cfg.model.family, list(batch.tasks), images, rec, stop)
+                     if models.reference is not None else [None] * len(batch.tasks))
+            for task, write, image, psnr_db in zip(batch.tasks, batch.todo, images, psnrs):
+                if write:  # the batch's finished images stay as they are (same bytes: same batch)
+                    _save(cfg, plan, task, image, per_image, len(batch.tasks), state, device, psnr_db)
             state.save()
+            shown.update(pending[-1].stem)
+        if group.distributed and group.is_main:
+            _wait_for_ranks(state, stop, shown)
     rec["memory"] = memory.to_dict()
     values = [i["psnr_vs_unquantized"] for i in rec["images"] if i.get("psnr_vs_unquantized") is not None]
     if values:
         rec["quality"] = {"psnr_vs_unquantized_mean": round(sum(values) / len(values), 3),
                           "psnr_vs_unquantized_min": round(min(values), 3), "images": len(values)}
+
+
+class _Shown:
+    """Rank 0's bar counts the images of every rank: its own, plus those the other ranks' parts report."""
+
+    def __init__(self, bar, state: RunState):
+        self.bar, self.state, self.shown = bar, state, 0
+
+    def update(self, label: str, parts: Optional[dict[int, dict[str, Any]]] = None) -> None:
+        c = self.state.record["counts"]
+        done = c["made"] + c["failed"]
+        group = self.state.group
+        if group.distributed:
+            if parts is None:
+                parts = read_parts(self.state.out_dir, group.world_size)
+            done += sum((p.get("made") or 0) + (p.get("failed") or 0) for r, p in parts.items() if r != group.rank)
+        if done > self.shown:
+            self.bar.advance(done - self.shown, label)
+            self.shown = done
+
+
+def _wait_for_ranks(state: RunState, stop: Optional[StopSignals], shown: Optional[_Shown] = None,
+                    grace_s: Optional[float] = None, poll_s: float = 0.2) -> dict[int, dict[str, Any]]:
+    """Rank 0: wait until every other rank's part is final (or its process gone), showing their progress; a
+    signal stops the wait (Stop), unless `grace_s` is given (then it gives up after that long)."""
+    group = state.group
+    deadline = None if grace_s is None else time.monotonic() + grace_s
+    while True:
+        parts = read_parts(state.out_dir, group.world_size)
+        if shown is not None:
+            shown.update("other ranks", parts)
+        if all(_part_final(parts.get(r)) for r in range(group.world_size) if r != group.rank):
+            return parts
+        if deadline is not None:
+            if time.monotonic() >= deadline:
+                return parts
+        elif stop is not None:
+            stop.check()
+        time.sleep(poll_s)
 
 
 def psnr(a, b) -> float:
@@ -387,7 +582,7 @@ def _save(cfg: RunConfig, plan: QuantPlan, task: ImageTask, image, time_s: float
     rec["counts"]["made"] += 1
 
 
-def _previous_runs(out_dir: Path) -> list[dict[str, Any]]:
+def _previous_runs(out_dir: Path, parts: Optional[list] = None) -> list[dict[str, Any]]:
     """run.json's earlier runs into this folder, the last one added. Called holding the folder lock, so a last run
     that still says `running` is not running any more: it was killed (or crashed, or its machine went down)."""
     try:
@@ -400,6 +595,8 @@ def _previous_runs(out_dir: Path) -> list[dict[str, Any]]:
     if not isinstance(old, dict):
         return []
     last = {k: old.get(k) for k in ("status", "started_at", "finished_at", "counts", "pid", "host")}
+    if parts and (old.get("world_size") or 1) > 1:  # its ranks' parts: what each had made when it stopped
+        last["ranks"] = parts
     if old.get("status") == "running":
         last["status"] = "killed"
         last["killed"] = _why_not_running(old.get("pid"), old.get("host"))
@@ -434,7 +631,8 @@ def _without_layers(summary: Optional[dict[str, Any]]) -> Optional[dict[str, Any
     return {k: v for k, v in summary.items() if k != "layers"} | {"layers_in": RUN_FILE}
 
 
-def _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides) -> dict[str, Any]:
+def _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides, previous: bool = True,
+                    previous_parts: Optional[list] = None) -> dict[str, Any]:
     return {
         "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -467,7 +665,7 @@ def _initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides) -> d
         "images": [],
         "timing": {},
         "memory": {},
-        "previous_runs": _previous_runs(out_dir),
+        "previous_runs": _previous_runs(out_dir, previous_parts) if previous else [],
     }
 
 
@@ -478,18 +676,99 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
-def _finish(cfg: RunConfig, tasks: list[ImageTask], state: RunState, clock: Stopwatch, status: str) -> None:
-    rec = state.record
+def _finish(cfg: RunConfig, tasks: list[ImageTask], state: RunState, clock: Stopwatch, status: str,
+            overrides: list[str] | None = None, stop: Optional[StopSignals] = None) -> None:
+    """The final record: this rank's part; on rank 0 (after the other ranks' parts are final) run.json with the
+    merged counts, `ranks`, `missing` (planned images not on disk), index.jsonl rebuilt, and grid.png."""
+    rec, group = state.record, state.group
     times = [i["time_s"] for i in rec["images"]]
     rec["timing"].update(
         total_s=round(clock.elapsed(), 4),
         generate_s=round(sum(times), 4),
         per_image_mean_s=round(sum(times) / len(times), 4) if times else None,
     )
+    if group.distributed:
+        rec["rank_status"] = status
+        rec["rank_finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(rank_file(state.out_dir, group.rank), state.part())  # before waiting: others read it
+        if not group.is_main:
+            rec["status"], rec["finished_at"] = status, rec["rank_finished_at"]
+            return
+        # a normal end waits for the others (a signal stops the wait); stopping or failing: they are stopping too,
+        # or will never end (the launcher ends them): give them a moment to write their parts
+        normal = status in ("complete", "incomplete", "empty")
+        parts = _wait_for_ranks(state, stop if normal else None, grace_s=None if normal and stop else 10)
+        status = _merge_parts(state, parts, status)
+    missing: list[str] = []
+    if status != "empty" and (group.distributed or status != "complete"):
+        finished = finished_images(state.out_dir)
+        missing = [f"{t.stem}.png" for t in partition(tasks, finished).pending]
+        if group.distributed:
+            state.index = Index.rebuild(state.out_dir, finished)  # one line per image: the ranks' appends merged
+    if missing:
+        rec["missing"] = missing
+    counts = rec["counts"]
+    if status == "complete" and missing:  # a rank ended without its images (killed, or failed outright)
+        status = "incomplete"
+    if status == "incomplete":
+        gone = [r["rank"] for r in rec.get("ranks", []) if r.get("status") not in ("complete", "incomplete", "empty")]
+        if counts["failed"] and not gone:
+            rec["reason"] = (f"{counts['failed']} of {counts['planned']} images failed (job.on_error=skip); "
+                             "rerun the same command to retry them")
+        else:
+            why = [f"{counts['failed']} image(s) failed (job.on_error=skip)"] if counts["failed"] else []
+            if gone:
+                why.append(f"rank(s) {', '.join(map(str, gone))} did not finish")
+            rec["reason"] = (f"{'; '.join(why) or 'images are missing'}: {len(missing)} of {counts['planned']} "
+                             "images missing; rerun the same command (any number of ranks) to make them")
+        rec["resume"] = resume_command(overrides, state.out_dir)
     if cfg.job.grid and status in ("complete", "incomplete"):
-        finished = [state.out_dir / f"{t.stem}.png" for t in tasks if (state.out_dir / f"{t.stem}.png").exists()]
-        if write_grid(finished, state.out_dir / GRID_FILE, cfg.job.grid_max_images):
+        finished_pngs = [state.out_dir / f"{t.stem}.png" for t in tasks
+                         if (state.out_dir / f"{t.stem}.png").exists()]
+        if write_grid(finished_pngs, state.out_dir / GRID_FILE, cfg.job.grid_max_images):
             rec["grid"] = GRID_FILE
     rec["status"] = status
     rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    state.save()
+    if group.distributed:
+        atomic_write_json(state.out_dir / RUN_FILE, rec)
+    else:
+        state.save()
+
+
+def _merge_parts(state: RunState, parts: dict[int, dict[str, Any]], status: str) -> str:
+    """Rank 0's record + the other ranks' parts -> the run's counts, images, failures, `ranks`; the run's status
+    (rank 0's, unless another rank failed or stopped: then that)."""
+    rec, group = state.record, state.group
+    parts = {**parts, group.rank: state.part()}
+    ranks, counts = [], rec["counts"]
+    images, failed = list(rec["images"]), list(rec["failed"])
+    for r in range(group.world_size):
+        p = parts.get(r)
+        if p is None:
+            ranks.append({"rank": r, "status": "unknown (it wrote no part)"})
+            continue
+        ranks.append({k: p.get(k) for k in ("rank", "local_rank", "host", "pid", "device", "status", "started_at",
+                                            "finished_at", "batches", "planned", "made", "failed", "timing",
+                                            "memory", "signal", "error") if p.get(k) is not None})
+        if r == group.rank:
+            continue
+        images += p.get("images") or []
+        failed += p.get("failed_images") or []
+        counts["made"] += p.get("made") or 0
+        counts["failed"] += p.get("failed") or 0
+        if p.get("replaced"):
+            counts["replaced"] = counts.get("replaced", 0) + p["replaced"]
+    rec.update(images=images, failed=failed, ranks=ranks)
+    statuses = {r.get("status") for r in ranks}
+    if status in ("complete", "incomplete"):
+        for worse in ("failed", "interrupted"):
+            if worse in statuses:
+                bad = [r for r in ranks if r.get("status") == worse]
+                rec.setdefault("error" if worse == "failed" else "signal",
+                               bad[0].get("error" if worse == "failed" else "signal"))
+                return worse
+        if statuses - {"complete", "empty"}:
+            return "incomplete"
+        if counts["failed"]:
+            return "incomplete"
+    return status

@@ -12,6 +12,13 @@ above (index: base + row index; fixed: base). Draws are uniform in 0..2**32-1 (A
 by `draw_random_seeds` before expansion and recorded in run.json; a rerun into the same folder passes
 the recorded ones back as `previous`, so it reuses them, gets the same settings hashes and file names,
 and finds its finished images. Every image whose seed came from a draw has `seed_drawn` set.
+
+Batches and bytes: images that share a pipeline call are computed together, and on CPU (GEMM thread splits)
+the batch changes an image's bytes. So batches are always formed over the job's whole task list in manifest
+order (`plan_batches`), whatever is already on disk and however many processes share the job: an image's bytes
+depend only on its row, the settings and job.batch_size (and the machine: device, dtype, torch version, CPU
+thread count). A resumed run regenerates a partly finished batch whole and writes only its missing images; a
+data-parallel run gives batch i to rank i % world_size.
 """
 
 from __future__ import annotations
@@ -190,10 +197,44 @@ def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any],
 
 
 def batches(tasks: list[ImageTask], batch_size: int) -> Iterator[list[ImageTask]]:
-    """Group tasks with equal settings, in manifest order of first appearance, into batches."""
+    """Group tasks with equal settings, in manifest order of first appearance, into batches.
+
+    Pass the job's WHOLE task list (finished images included), never only the pending ones: see
+    `plan_batches`. Which images share a pipeline call changes their bytes on CPU (and can on GPU)."""
     groups: dict[tuple, list[ImageTask]] = {}
     for t in tasks:
         groups.setdefault(t.batch_key, []).append(t)
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             yield group[i : i + batch_size]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One pipeline call of the job: `number` is its place in the job's batch order (what decides the rank that
+    makes it in a data-parallel run), `todo[i]` whether `tasks[i]` is to be written (False: already on disk)."""
+
+    number: int
+    tasks: tuple[ImageTask, ...]
+    todo: tuple[bool, ...]
+
+    @property
+    def pending(self) -> list[ImageTask]:
+        return [t for t, w in zip(self.tasks, self.todo) if w]
+
+
+def plan_batches(tasks: list[ImageTask], batch_size: int, pending: Iterable[ImageTask],
+                 rank: int = 0, world_size: int = 1) -> list[Batch]:
+    """The batches to run: formed over ALL `tasks` in manifest order, as a clean one-process run forms them, so an
+    image's bytes depend only on its row, the settings and job.batch_size, never on what was already on disk or on
+    how many processes share the job. Only batches with at least one `pending` image are returned (a partly
+    finished batch is made whole again and only its pending images are written), and of those only the ones
+    this rank owns: batch number i (counted over all batches, finished ones included) belongs to rank
+    i % world_size."""
+    wanted = {id(t) for t in pending}
+    out = []
+    for number, batch in enumerate(batches(tasks, batch_size)):
+        todo = tuple(id(t) in wanted for t in batch)
+        if any(todo) and number % world_size == rank:
+            out.append(Batch(number, tuple(batch), todo))
+    return out

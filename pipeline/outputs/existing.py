@@ -140,6 +140,9 @@ class Index:
     def __init__(self, folder: Path):
         self.path = Path(folder) / INDEX_FILE
         self.lines: dict[str, str] = {}  # file -> its line, in file order
+        # Several processes write the folder (a data-parallel run): never rewrite the file, append even the line of
+        # a replaced image; the duplicate goes when the run's rank 0 rebuilds the index at the end.
+        self.append_only = False
 
     @classmethod
     def rebuild(cls, folder: Path, finished: dict[str, dict[str, Any]]) -> "Index":
@@ -169,7 +172,7 @@ class Index:
         name, line = sidecar["file"], index_line(sidecar)
         replaced = name in self.lines
         self.lines[name] = line
-        if replaced:
+        if replaced and not self.append_only:
             self._write()
         else:
             append_line(self.path, line)
