@@ -17,11 +17,15 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 # Never reach for the network: a missing model must fail fast with our message, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# conf/hydra/launcher/{submitit_slurm,submitit_local,joblib}.yaml extend the launcher plugins' configs of the
+# same names; Hydra 1.3 merges them with the plugin's schema (so typos there fail) and warns that it does.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -68,8 +72,15 @@ def run_entry(hydra_fn, config_name: str = "config") -> None:
             print(f"error: {msg}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     sweep.take_outcome()
+    aborted = None
     try:
         hydra_fn()
+    except SystemExit as e:
+        # Hydra gave up on a sweep (a job raised, or a launcher lost a job: a scheduler kill) and printed
+        # why: still list every job, then say which did not complete.
+        if e.code != 1 or not sweep.summarize_aborted():
+            raise
+        aborted = e
     except RunInterrupted as e:
         exit_on_interrupt(e)
     except KeyboardInterrupt:
@@ -82,7 +93,10 @@ def run_entry(hydra_fn, config_name: str = "config") -> None:
               f"(see {outcome['sweep_dir']}/sweep.md):", file=sys.stderr)
         for job, why in bad:
             print(f"  {job}: {why}", file=sys.stderr)
-        sys.exit(EXIT_INCOMPLETE)
+        # a job that raised something unexpected is a bug (exit 1, Hydra printed its traceback)
+        sys.exit(1 if outcome.get("unexpected") else EXIT_INCOMPLETE)
+    if aborted is not None:
+        raise aborted
 
 
 def exit_on_user_error(e: PipelineError) -> None:
