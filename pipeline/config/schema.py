@@ -338,14 +338,41 @@ class JobConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The quality report (python -m pipeline.report DIR): what the images are compared against, and with what.
+
+    Metrics that need weights read them from local paths only (nothing is downloaded); null: skipped, said so."""
+
+    enabled: bool = False  # write the report at the end of a sweep
+    reference: Optional[str] = None  # a reference run folder; null: the sweep's quantization=none job
+    worst_k: int = 8  # prompts shown first: where quantization hurts most
+    thumbnail: int = 256  # thumbnail side in pixels
+    lpips_weights: Optional[str] = None  # LPIPS AlexNet: a folder or file with the alexnet + lpips linear weights
+    inception_weights: Optional[str] = None  # FID: the Inception (pt_inception-2015-12-05) weights file
+    fid_reference: Optional[str] = None  # FID: a folder of reference images (null: the 16-bit images)
+    clip_model: Optional[str] = None  # CLIP score: a local CLIP folder (transformers format)
+    image_reward: bool = False  # ImageReward, if the package and its weights are installed
+
+    def check(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.worst_k < 1:
+            problems.append(("report.worst_k", f"must be >= 1, got {self.worst_k}"))
+        if not 32 <= self.thumbnail <= 2048:
+            problems.append(("report.thumbnail", f"must be in 32..2048, got {self.thumbnail}"))
+        return problems
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     quantization: QuantizationConfig = MISSING
     sampler: SamplerConfig = MISSING
     job: JobConfig = MISSING
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def check(self) -> list[Problem]:
-        problems = self.model.check() + self.quantization.check() + self.sampler.check() + self.job.check()
+        problems = (self.model.check() + self.quantization.check() + self.sampler.check() + self.job.check()
+                    + self.report.check())
         least = self.model.recommended.min_steps
         for key, steps in (("sampler.steps", self.sampler.steps),
                            ("quantization.calibration.steps", self.quantization.calibration.steps)):
