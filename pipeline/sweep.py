@@ -251,6 +251,23 @@ class SweepSummary(Callback):
         if sweep_dir.is_dir():
             summarize(sweep_dir, planned=planned)
             _outcome = outcome(sweep_dir, planned)
+            write_report(config, sweep_dir)
+
+
+def write_report(config: DictConfig, sweep_dir: Path) -> None:
+    """With report.enabled: the quality report (pipeline/report) of the finished sweep; never fails the sweep."""
+    from omegaconf import OmegaConf
+
+    report = config.get("report")
+    if report is None or not report.get("enabled", False):
+        return
+    try:
+        from pipeline.report import build_report
+
+        index = build_report(sweep_dir, OmegaConf.to_object(report))
+        log.info("quality report: %s", index)
+    except Exception as e:  # the images and the summary are there; say why the report is not
+        log.warning("could not write the quality report: %s (rerun: python -m pipeline.report %s)", e, sweep_dir)
 
 
 def record_failure(out_dir: Path, error: BaseException, overrides: list[str]) -> None:

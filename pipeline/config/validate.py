@@ -43,6 +43,9 @@ KEY_HINTS = {
 }
 
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # config groups that are not schema fields (experiment/)
+
+
 def unknown_override_keys(overrides: list[str]) -> list[tuple[str, str]]:
     """Command-line keys that the schema lacks, each with a suggestion: [(key, message)].
 
@@ -66,8 +69,8 @@ def unknown_override_keys(overrides: list[str]) -> list[tuple[str, str]]:
         if "@" in key or "/" in key or key == "hydra":
             continue
         parts = key.split(".")
-        if len(parts) == 1 and key in groups:
-            continue  # a group selection such as model=tiny-flux
+        if len(parts) == 1 and (key in groups or (CONF_DIR / key).is_dir()):
+            continue  # a group selection such as model=tiny-flux or +experiment=quality (its option: checked later)
         node: typing.Any = RunConfig
         for i, part in enumerate(parts):
             fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
