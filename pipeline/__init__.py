@@ -2,7 +2,8 @@
 
 Layout: config/ (schema + validation), manifest.py (prompt lists), models/ (building pipelines),
 quantization/ (SVDQuant plan and the call that applies it), tasks.py (rows -> image tasks),
-runner.py (one job), outputs/ (files a run writes), sweep.py (multirun summary), cli.py (entry).
+runner.py (one job; generate.py, record.py, ranks.py beside it), outputs/ (files a run writes),
+sweep.py (multirun summary), cli.py (entry).
 """
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ barrier before generating, and gloo neither holds GPU memory nor has NCCL's watc
 long for another (set SVDQ_DIST_BACKEND=nccl to override). On CUDA each rank uses `cuda:LOCAL_RANK` (made the
 current device, so `cuda` means it everywhere); a task that sees a single GPU (CUDA_VISIBLE_DEVICES per task)
 uses that one. Ranks > 0 log warnings and errors only, prefixed `[rank r]`, into the same console and
-pipeline.log. How ranks share the work and the records: pipeline/runner.py.
+pipeline.log. How ranks share the work: pipeline/runner.py; their records: pipeline/ranks.py.
 """
 
 from __future__ import annotations
