@@ -166,7 +166,7 @@ def _summarize_quietly(sweep_dir: Path) -> None:
 def _write_failure(out_dir: Path, error: Exception, overrides: list[str]) -> None:
     """A sweep job that never got going still leaves a run.json, so the summary can list it."""
     from pipeline.outputs.atomic import atomic_write_json
-    from pipeline.runner import RUN_FILE
+    from pipeline.record import RUN_FILE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / RUN_FILE).exists():

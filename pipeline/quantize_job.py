@@ -39,7 +39,7 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     from pipeline.quantization.apply import _dtype16, calibrate
     from pipeline.quantization.checkpoint import default_naming, file_name, save_checkpoint
     from pipeline.quantization.plan import parse_weight_filename
-    from pipeline.runner import config_dict
+    from pipeline.record import config_dict
 
     def output_file(out: Path, precision: str, rank: int, model_name: str) -> Path:
         """Where the quantized file goes: `out` itself if it names a .safetensors file (warning when its name does

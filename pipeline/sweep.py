@@ -271,7 +271,7 @@ def write_report(config: DictConfig, sweep_dir: Path) -> None:
 
 
 def record_failure(out_dir: Path, error: BaseException, overrides: list[str]) -> None:
-    from pipeline.runner import RUN_FILE
+    from pipeline.record import RUN_FILE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rec = _read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else None
