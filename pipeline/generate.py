@@ -16,12 +16,10 @@ from pipeline.tasks import ImageTask
 
 
 def psnr(a, b) -> float:
-    """PSNR in dB between two 8-bit images (inf when identical)."""
-    import numpy as np
+    """PSNR in dB between two 8-bit images (inf when identical), to 3 decimals as run.json records it."""
+    from pipeline.quality.metrics import psnr as exact_psnr
 
-    x, y = (np.asarray(i.convert("RGB"), dtype=np.float64) for i in (a, b))
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else round(10 * np.log10(255.0**2 / mse), 3)
+    return round(exact_psnr(a, b), 3)
 
 
 def compare_to_reference(models, family: str, batch: list[ImageTask], images, rec: dict[str, Any],

@@ -8,13 +8,12 @@ imports this module; RunState is imported here for type hints only, so there is 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline.interrupt import StopSignals
+from pipeline.runinfo import process_gone
 
 if TYPE_CHECKING:
     from pipeline.record import RunState
@@ -46,15 +45,9 @@ def _part_final(part: Optional[dict[str, Any]]) -> bool:
         return False
     if part.get("status") in FINAL:
         return True
-    pid, host = part.get("pid"), part.get("host")
-    if host == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            part["status"] = "gone"
-            return True
-        except PermissionError:
-            pass
+    if process_gone(part.get("pid"), part.get("host")):
+        part["status"] = "gone"
+        return True
     return False
 
 

@@ -28,7 +28,7 @@ from pipeline.outputs.atomic import atomic_write_json
 from pipeline.outputs.existing import Index, finished_images, partition
 from pipeline.outputs.grid import write_grid
 from pipeline.ranks import merge_parts, rank_file, wait_for_ranks
-from pipeline.runinfo import Stopwatch, device_name, git_commit, package_versions
+from pipeline.runinfo import Stopwatch, device_name, git_commit, package_versions, process_gone
 from pipeline.tasks import ImageTask
 
 log = logging.getLogger("pipeline")
@@ -120,12 +120,8 @@ def _why_not_running(pid: Any, host: Any) -> str:
         return f"it ran on host {host}, and the folder lock it held there is free"
     if pid == os.getpid():
         return "an earlier run in this process stopped without finishing its record"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if process_gone(pid, host):
         return f"process {pid} is gone"
-    except PermissionError:
-        pass
     return f"process {pid} does not hold the folder lock (that pid is another process now)"
 
 

@@ -40,6 +40,22 @@ def git_commit(repo: Path) -> str | None:
         return None
 
 
+def process_gone(pid: Any, host: Any) -> bool:
+    """True when `pid` on `host` is this machine's and no such process exists (a run or rank that died)."""
+    import os
+    import socket
+
+    if host != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, owned by someone else
+        pass
+    return False
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

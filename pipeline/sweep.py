@@ -11,7 +11,6 @@ command's exit status (pipeline/cli.py `run_entry` reads it with `take_outcome` 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.outcome import exit_status
-from pipeline.outputs.atomic import atomic_write_bytes, atomic_write_json
+from pipeline.outputs.atomic import atomic_write_bytes, atomic_write_json, read_json_object
 
 log = logging.getLogger("pipeline")
 COLUMNS = ("job", "overrides", "status", "made", "existing", "failed", "time_s", "peak_mem_mib")
@@ -50,9 +49,9 @@ def records(sweep_dir: Path, planned: list[list[str]] | None = None) -> list[tup
     found = []
     seen = set()
     for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                          key=_job_number):
+                          key=job_number):
         run = job_dir / "run.json"
-        rec = _read_json(run) if run.exists() else None
+        rec = read_json_object(run) if run.exists() else None
         if rec is None:
             rec = {"status": "failed", "overrides": _job_overrides(job_dir),
                    "error": _log_error(sweep_dir, job_dir)
@@ -61,23 +60,15 @@ def records(sweep_dir: Path, planned: list[list[str]] | None = None) -> list[tup
             why = _log_error(sweep_dir, job_dir)
             rec = {**rec, "error": rec.get("error") or why or "the job stopped mid-run (killed?)"}
         found.append((job_dir, rec))
-        seen.add(_job_number(job_dir)[0])
+        seen.add(job_number(job_dir)[0])
     for num, overrides in enumerate(planned or []):
         if num not in seen:
             where = _log_error(sweep_dir, None, num)
             found.append((sweep_dir / f"{num}_(not started)", {
                 "status": "failed", "overrides": overrides,
                 "error": where or "the job never started (no job folder); see the launcher's log"}))
-    found.sort(key=lambda item: _job_number(item[0]))
+    found.sort(key=lambda item: job_number(item[0]))
     return found
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 def _job_overrides(job_dir: Path) -> list[str]:
@@ -180,7 +171,8 @@ def collect(sweep_dir: Path, planned: list[list[str]] | None = None) -> list[dic
     return rows
 
 
-def _job_number(d: Path) -> tuple[int, str]:
+def job_number(d: Path) -> tuple[int, str]:
+    """Sort key of a sweep's job folders (`<n>_<overrides>`): by job number, then name."""
     head = d.name.split("_", 1)[0]
     return (int(head) if head.isdigit() else 1 << 30, d.name)
 
@@ -274,7 +266,7 @@ def record_failure(out_dir: Path, error: BaseException, overrides: list[str]) ->
     from pipeline.record import RUN_FILE
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rec = _read_json(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else None
+    rec = read_json_object(out_dir / RUN_FILE) if (out_dir / RUN_FILE).exists() else None
     if rec is not None and rec.get("status") not in ("running", None):
         return
     first = str(error).strip().splitlines()

@@ -1,4 +1,4 @@
-"""Write files so that a run killed at any instant leaves only complete files behind."""
+"""Write files so that a run killed at any instant leaves only complete files behind; read the JSON ones back."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object written here (run.json, a sidecar, a rank's part), or None if missing, unreadable or not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def append_line(path: Path, line: str) -> None:

@@ -82,6 +82,13 @@ def ms_ssim_settings(height: int, width: int) -> Optional[tuple[tuple[float, ...
     return None
 
 
+def psnr(reference: Image.Image, image: Image.Image) -> float:
+    """PSNR in dB of two 8-bit RGB images (inf when identical), in float64: 10 log10(255^2 / MSE)."""
+    x, y = (np.asarray(i.convert("RGB"), dtype=np.float64) for i in (reference, image))
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0**2 / mse)
+
+
 def pair_metrics(reference: Image.Image, image: Image.Image) -> dict[str, Optional[float]]:
     """PSNR (dB, inf when identical), SSIM and MS-SSIM of `image` against `reference` (RGB, data_range 1.0).
 
@@ -96,10 +103,9 @@ def pair_metrics(reference: Image.Image, image: Image.Image) -> dict[str, Option
         raise ValueError(f"images differ in size: reference is {reference.size[0]}x{reference.size[1]}, "
                          f"image is {image.size[0]}x{image.size[1]} (width x height)")
     ref, img = _to_tensor(reference), _to_tensor(image)
-    mse = float(torch.mean((ref - img) ** 2))
-    # PSNR = 10 log10(1 / MSE), what torchmetrics' peak_signal_noise_ratio computes, but in float64 throughout
-    # (torchmetrics' float32 data_range costs ~1e-6 dB)
-    psnr = math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+    # what torchmetrics' peak_signal_noise_ratio computes, but in float64 throughout (its float32 data_range costs
+    # ~1e-6 dB)
+    value = psnr(reference, image)
     ssim = float(structural_similarity_index_measure(img, ref, data_range=1.0))
     settings = ms_ssim_settings(ref.shape[-2], ref.shape[-1])
     ms_ssim: Optional[float] = None
@@ -107,7 +113,7 @@ def pair_metrics(reference: Image.Image, image: Image.Image) -> dict[str, Option
         betas, kernel = settings
         ms_ssim = float(multiscale_structural_similarity_index_measure(
             img, ref, data_range=1.0, betas=betas, kernel_size=kernel))
-    return {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim}
+    return {"psnr": value, "ssim": ssim, "ms_ssim": ms_ssim}
 
 
 # ------------------------------------------------------------------------------------------- metrics with weights

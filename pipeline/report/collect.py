@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config.schema import ReportConfig
+from pipeline.outputs.atomic import read_json_object
+from pipeline.sweep import job_number
 
 log = logging.getLogger("pipeline")
 COMPARED = ("height", "width", "steps", "prompt")  # a pair differing in any of these is a mismatch, not compared
@@ -22,27 +23,14 @@ class ReportError(Exception):
     """Something the user can fix (no runs, no reference)."""
 
 
-def _read(path: Path) -> Optional[dict[str, Any]]:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return d if isinstance(d, dict) else None
-
-
-def _job_key(d: Path) -> tuple[int, str]:
-    head = d.name.split("_", 1)[0]
-    return (int(head) if head.isdigit() else 1 << 30, d.name)
-
-
 def find_runs(folder: Path) -> list[Path]:
     if (folder / "run.json").is_file():
         return [folder]
-    return sorted((d for d in folder.iterdir() if d.is_dir() and (d / "run.json").is_file()), key=_job_key)
+    return sorted((d for d in folder.iterdir() if d.is_dir() and (d / "run.json").is_file()), key=job_number)
 
 
 def variant(run_dir: Path) -> dict[str, Any]:
-    rec = _read(run_dir / "run.json") or {}
+    rec = read_json_object(run_dir / "run.json") or {}
     q = rec.get("quantization") or {}
     plan, summary = q.get("plan") or {}, q.get("summary") or {}
     mem = rec.get("memory") or {}
@@ -71,7 +59,7 @@ def images(run_dir: Path) -> dict[tuple[str, int], dict[str, Any]]:
     for side in sorted(run_dir.glob("*.json")):
         if side.name == "run.json":
             continue
-        d = _read(side)
+        d = read_json_object(side)
         if not d or "file" not in d or "id" not in d or "seed" not in d:
             continue
         if (run_dir / d["file"]).is_file():
