@@ -142,12 +142,9 @@ def draw_random_seeds(rows: Iterable[PromptRow], sampler_seed: int,
 
 def recorded_random_seeds(run_json) -> dict[str, Any]:
     """`random_seeds` of an earlier run's run.json (the `previous` of draw_random_seeds); {} if there is none."""
-    from pathlib import Path
+    from pipeline.outputs.atomic import read_json_object
 
-    try:
-        seeds = json.loads(Path(run_json).read_text()).get("random_seeds")
-    except (OSError, ValueError, AttributeError):
-        return {}
+    seeds = (read_json_object(run_json) or {}).get("random_seeds")
     return dict(seeds) if isinstance(seeds, dict) else {}
 
 
