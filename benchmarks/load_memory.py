@@ -163,11 +163,12 @@ def write_svdq_file(path: Path, config: dict) -> int:
 
     from pipeline.models.quantized import meta_transformer
     from pipeline.quantization.checkpoint import file_layout
-    from pipeline.quantization.file_info import MODEL_CLASSES, quantization_config
+    from pipeline.families.flux import ARCHITECTURE
+    from pipeline.quantization.file_info import quantization_config
     from pipeline.quantization.synthetic import write_sparse_checkpoint
 
     t = meta_transformer("flux", config, torch.bfloat16)
-    metadata = {"config": json.dumps(config), "model_class": MODEL_CLASSES["flux"],
+    metadata = {"config": json.dumps(config), "model_class": ARCHITECTURE.model_class,
                 "quantization_config": json.dumps(quantization_config("int4", 32))}
     return write_sparse_checkpoint(path, file_layout(t, precision="int4", rank=32, naming="legacy"), metadata)
 

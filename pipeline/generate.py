@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from pipeline.families import family as get_family
 from pipeline.interrupt import StopSignals
 from pipeline.models.memory import Workload
 from pipeline.tasks import ImageTask
@@ -81,8 +82,7 @@ def generate_batch(pipe, family: str, batch: list[ImageTask], on_step: StepEnd |
     )
     if t.true_cfg_scale > 1:
         kwargs["negative_prompt"] = [x.negative_prompt or " " for x in batch]
-    if family == "flux" or pipe.transformer.config.get("guidance_embeds"):
-        kwargs["guidance_scale"] = t.guidance
+    kwargs.update(get_family(family).call_kwargs(pipe, batch))  # guidance, input images: the family's own
     callback = chain_step_callbacks(on_step)
     if callback is not None:
         kwargs["callback_on_step_end"] = callback

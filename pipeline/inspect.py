@@ -26,19 +26,30 @@ MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "models" / "configs"
 FILE_NAME_TOKENS = {"int4": "int4", "nvfp4": "fp4"}  # what Nunchaku's file names call each precision
 METADATA_KEYS = ("config", "comfy_config", "quantization_config", "model_class", "svdq_batch")
-# Which programs load each tensor-naming scheme (file_names.py explains the schemes).
-NAMING_READERS = {
-    ("legacy", "flux"): (["nunchaku", "comfyui-nunchaku", "svdq-batch"],
-                         "FLUX per-block names (qkv_proj, lora_down, smooth, ...): what Nunchaku and ComfyUI-nunchaku "
-                         "load; svdq-batch reads them too"),
-    ("diffusers", "flux"): (["svdq-batch"],
-                            "module paths (attn.to_qkv, proj_down, ...): svdq-batch reads them, Nunchaku's and "
-                            "ComfyUI-nunchaku's FLUX loaders do not (svdq-quantize quantization.naming=legacy "
-                            "writes the names they read)"),
-    ("diffusers", "qwen-image"): (["nunchaku", "comfyui-nunchaku", "svdq-batch"],
-                                  "module paths (attn.to_qkv, proj_down, ...): the Qwen-Image naming Nunchaku, "
-                                  "ComfyUI-nunchaku and svdq-batch read"),
-}
+
+
+def naming_readers(naming: str, architecture: Optional[str]) -> tuple[list[str], str]:
+    """Which programs load a file's tensor-naming scheme (file_names.py explains the schemes), and what it is."""
+    from pipeline.quantization.architecture import architecture as get_architecture
+
+    try:
+        arch = get_architecture(architecture) if architecture else None
+    except ValueError:
+        arch = None
+    if arch is None:
+        return ["svdq-batch"], "tensor names of an unknown model family"
+    engine = ["nunchaku", "comfyui-nunchaku", "svdq-batch"] if arch.engine_class else ["svdq-batch"]
+    if naming == "legacy":
+        return engine, (f"{arch.name} per-block names (qkv_proj, lora_down, smooth, ...): what Nunchaku and "
+                        "ComfyUI-nunchaku load; svdq-batch reads them too")
+    if arch.naming == "legacy":
+        return ["svdq-batch"], ("module paths (attn.to_qkv, proj_down, ...): svdq-batch reads them, Nunchaku's and "
+                                f"ComfyUI-nunchaku's {arch.name} loaders do not (svdq-quantize "
+                                "quantization.naming=legacy writes the names they read)")
+    if arch.engine_class:
+        return engine, (f"module paths (attn.to_qkv, proj_down, ...): the {arch.name} naming Nunchaku, "
+                        "ComfyUI-nunchaku and svdq-batch read")
+    return engine, f"module paths: svdq-batch's own layout for {arch.name} (Nunchaku publishes no engine for it)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,15 @@ def _tiny_config(family: str, tiny: dict) -> dict:
     return tiny_transformer_config(family, TinySpec(**{k: v for k, v in tiny.items() if k in names}))
 
 
+def _architecture_name(family: Optional[str]) -> Optional[str]:
+    from pipeline.families import family as get_family
+
+    try:
+        return get_family(family).architecture.name if family else None
+    except ValueError:
+        return None
+
+
 def fitting_models(info: CheckpointInfo) -> tuple[list[str], Optional[str], dict[str, list[str]]]:
     """(models the file fits, how that was decided: config | blocks | None, mismatches per same-family model).
 
@@ -87,7 +107,7 @@ def fitting_models(info: CheckpointInfo) -> tuple[list[str], Optional[str], dict
     """
     if not info.config and not info.blocks:
         return [], None, {}
-    same_family = [m for m in known_models() if info.family in (None, m.family)]
+    same_family = [m for m in known_models() if info.family in (None, _architecture_name(m.family))]
     fits, mismatches = [], {}
     for m in same_family:
         if info.config:
@@ -155,8 +175,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                      else "unknown model: the file has no config metadata and no block names")
     elif fits_by == "blocks":
         notes.append("the file has no config metadata: the model is matched by its block counts only")
-    readers, naming_text = NAMING_READERS.get((info.naming, info.family),
-                                              (["svdq-batch"], "tensor names of an unknown model family"))
+    readers, naming_text = naming_readers(info.naming, info.family)
     return {
         "path": str(path), "file": path.name,
         "precision": info.precision, "precision_token": FILE_NAME_TOKENS[info.precision], "rank": info.rank,

@@ -27,6 +27,7 @@ from pipeline.models.placement import Placement, apply_placement, choose_placeme
 from pipeline.models.quantized import (build_quantized_transformer, transformer_bytes_16bit, transformer_class,
                                        transformer_config)
 from pipeline.quantization import QuantPlan, QuantSummary, module_bytes, quantize_in_process
+from pipeline.families import family
 from pipeline.quantization.apply import load_with_engine
 from pipeline.quantization.backend import choose_backend
 from pipeline.quantization.file_info import CheckpointInfo
@@ -64,7 +65,7 @@ def load_models(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo],
         summary.source = "file"
         if choice.name == "nunchaku":
             summary.bytes_before = transformer_bytes_16bit(cfg.model, dtype, info)
-            transformer = load_with_engine(plan.path, cfg.model.family, device)
+            transformer = load_with_engine(plan.path, family(cfg.model.family).architecture.name, device)
         else:
             built = build_quantized_transformer(cfg.model, plan.path, info, dtype, bool(plan.act_unsigned))
             transformer = built.transformer

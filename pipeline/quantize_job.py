@@ -37,6 +37,7 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     from pipeline.progress import ItemLog
     from pipeline.quantization import SVDQuantConfig, module_bytes, quantize_
     from pipeline.quantization.apply import _dtype16, calibrate
+    from pipeline.families import family
     from pipeline.quantization.checkpoint import default_naming, file_name, save_checkpoint
     from pipeline.quantization.plan import parse_weight_filename
     from pipeline.record import config_dict
@@ -81,7 +82,7 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     reports = quantize_(pipe.transformer, SVDQuantConfig(precision, rank, unsigned, list(q.calibration.alphas), dtype16),
                         stats, on_layer=on_layer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    naming = q.naming or default_naming(cfg.model.family)
+    naming = q.naming or default_naming(family(cfg.model.family).architecture)
     save_checkpoint(pipe.transformer, path, precision=precision, rank=rank, act_unsigned=unsigned,
                     model_name=cfg.model.name, naming=naming, dtype16=dtype16)
     errors = [r.rel_error for r in reports]

@@ -120,7 +120,7 @@ def test_flux_comfy_config_is_the_published_one(model, comfy_class):
     ComfyUI-nunchaku's nodes/models/configs/flux.1-dev.json), made from the model's diffusers config."""
     from pathlib import Path
 
-    from pipeline.quantization.checkpoint import flux_comfy_config
+    from pipeline.families.flux.files import comfy_config as flux_comfy_config
 
     config = json.loads((Path(__file__).resolve().parents[1] / f"pipeline/models/configs/{model}.json").read_text())
     published = {"model_class": "Flux", "model_config": {
@@ -137,14 +137,15 @@ def test_flux_comfy_config_is_the_published_one(model, comfy_class):
 def test_fused_qkv_projection_gives_the_same_output_as_three_row_slices(saved, monkeypatch, model):
     """The fused path (one q/k/v layer per stream, chunked for diffusers' attention) is the three sliced
     layers, bit for bit."""
+    from pipeline.families.qwen_image.fused import FusedQKVQwenProcessor
     from pipeline.quantization import fused_qkv
 
     fused = forward(saved(model, "int4")[0].transformer, model)
-    monkeypatch.setattr(fused_qkv, "FUSED_ATTENTION", {})
+    monkeypatch.setattr(fused_qkv, "ENABLED", False)
     sliced_pipe = quantized_pipe(model, "int4")
     attn = sliced_pipe.transformer.transformer_blocks[0].attn
     assert not getattr(attn, "fused_projections", False) and attn.to_k.rows == (128, 256)
-    assert not isinstance(attn.processor, fused_qkv.FusedQKVQwenProcessor)
+    assert not isinstance(attn.processor, FusedQKVQwenProcessor)
     assert torch.equal(forward(sliced_pipe.transformer, model), fused)
 
 
@@ -155,19 +156,22 @@ def test_fused_mlp_keeps_the_modules_and_the_reference_output(saved, monkeypatch
     from diffusers.models.attention import FeedForward
 
     from pipeline.quantization import fused_mlp
+    from pipeline.quantization.architecture import architecture_of
 
     fused_pipe, _ = saved(model, "int4")
     fused = fused_pipe.transformer
+    fused_classes = {fused_mlp.FusedGeluFeedForward} | {
+        c for c, _ in architecture_of(fused).fusions().mlp_owners.values()}
     monkeypatch.setattr(fused_mlp, "ENABLED", False)
     plain = quantized_pipe(model, "int4").transformer
-    owners = {name: type(m) for name, m in fused.named_modules() if type(m) in fused_mlp.FUSED_CLASSES.values()}
+    owners = {name: type(m) for name, m in fused.named_modules() if type(m) in fused_classes}
     mlps = ("ff", "ff_context") if model == "tiny-flux" else ("img_mlp", "txt_mlp")
     expected = {f"transformer_blocks.{i}.{n}" for i in range(len(fused.transformer_blocks)) for n in mlps}
     if model == "tiny-flux":
         expected |= {f"single_transformer_blocks.{i}" for i in range(len(fused.single_transformer_blocks))}
     assert set(owners) == expected
     assert isinstance(fused.get_submodule(f"transformer_blocks.0.{mlps[0]}"), FeedForward)
-    assert not any(type(m) in fused_mlp.FUSED_CLASSES.values() for m in plain.modules())
+    assert not any(type(m) in fused_classes for m in plain.modules())
     assert [n for n, _ in fused.named_modules()] == [n for n, _ in plain.named_modules()]
     assert fused.state_dict().keys() == plain.state_dict().keys()
     assert torch.equal(forward(fused, model), forward(plain, model))

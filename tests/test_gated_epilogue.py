@@ -63,7 +63,10 @@ def test_blocks_compute_every_gated_sum_in_a_gemm_epilogue_and_match_diffusers(m
 
     transformer, (fused, ref, calls), (plain, plain_ref, plain_calls) = fusion_on_and_off(
         monkeypatch, model, fused_block, triton_w4a4, "w4a4_gemm", when=lambda a: a.get("gate") is not None)
-    assert all(type(b) in fused_block.FUSED_BLOCKS.values() for b in transformer.transformer_blocks)
+    from pipeline.quantization.architecture import architecture_of
+
+    blocks = architecture_of(transformer).fusions().blocks
+    assert all(type(b) in blocks.values() for b in transformer.transformer_blocks)
     sums = 4 * len(transformer.transformer_blocks) + len(getattr(transformer, "single_transformer_blocks", []))
     assert (calls, plain_calls) == (sums, 0)
     assert torch.equal(ref, plain_ref)

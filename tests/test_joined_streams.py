@@ -57,7 +57,9 @@ def test_every_single_block_after_the_first_joins_its_streams_without_a_copy(mon
     from test_checkpoint import quantized_pipe, transformer_inputs
 
     transformer = quantized_pipe("tiny-flux", "int4").transformer
-    assert all(type(b) is fused_mlp.FusedMLPFluxSingleTransformerBlock for b in transformer.single_transformer_blocks)
+    from pipeline.families.flux.fused import FusedMLPFluxSingleTransformerBlock
+
+    assert all(type(b) is FusedMLPFluxSingleTransformerBlock for b in transformer.single_transformer_blocks)
     copies = []
 
     def spied(first, second):

@@ -19,9 +19,6 @@ SIZE_MULTIPLE = 16
 MAX_SIDE = 4096
 
 
-FAMILIES = ("flux", "qwen-image")  # a string, not an Enum: OmegaConf matches enum names, and "qwen-image" isn't one
-
-
 class ModelSource(str, Enum):
     tiny = "tiny"  # built in-process from a config, seeded random weights
     pretrained = "pretrained"  # a local diffusers folder or an HF id already in the local cache
@@ -128,7 +125,7 @@ class ModelDefaults:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = MISSING  # one of FAMILIES
+    family: str = MISSING  # a registered family (pipeline/families/); a string: OmegaConf matches enum names
     source: ModelSource = MISSING
     # pretrained: a local folder with model_index.json, or an HF repo id found in the local cache
     path: Optional[str] = None
@@ -147,8 +144,10 @@ class ModelConfig:
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = self.check_placement()
-        if self.family not in FAMILIES:
-            problems.append(("model.family", f"must be one of {', '.join(FAMILIES)}; got {self.family!r}"))
+        from pipeline.families import names
+
+        if self.family not in names():
+            problems.append(("model.family", f"must be one of {', '.join(names())}; got {self.family!r}"))
         if self.source == ModelSource.pretrained and not (self.path or self.hf_id):
             problems.append(("model.path", "a pretrained model needs model.path=/local/folder or an HF id"))
         t = self.tiny

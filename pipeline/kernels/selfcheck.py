@@ -244,12 +244,18 @@ def _awq(layer: nn.Module, dtype: torch.dtype) -> Check:
     return Check(dispatch.awq_config(layer, dtype), run, modules=(layer,))
 
 
+def _rotate_pairs(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE with complex frequencies (S, D/2), one per pair of channels, as diffusers applies it (use_real=False):
+    x (B, S, H, D) as complex pairs times the frequencies, in fp32, rounded back to x's dtype."""
+    rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * freqs.unsqueeze(1)
+    return torch.view_as_real(rotated).flatten(3).type_as(x)
+
+
 def _rope(streams: list[tuple[nn.Module, nn.Module]], heads: int, head_dim: int, spec: tuple[float, bool],
           paired: bool, dtype: torch.dtype, fallback: tuple) -> Check:
     """svdq::qk_norm_rope on the attention's (q norm, k norm) per stream, against its norms, diffusers' RoPE
-    (FLUX's real tables over the joint sequence, Qwen-Image's complex tables per stream) and the concatenation."""
+    (real tables over the joint sequence, or complex tables per stream: `paired`) and the concatenation."""
     from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
     from pipeline.kernels import ops
 
@@ -281,7 +287,7 @@ def _rope(streams: list[tuple[nn.Module, nn.Module]], heads: int, head_dim: int,
         for i, xs in enumerate((qs, ks)):
             normed = [pair[i](x) for pair, x in zip(streams, xs)]
             if paired:
-                ref = torch.cat([apply_rotary_emb_qwen(n, f, use_real=False) for n, f in zip(normed, freqs)], dim=1)
+                ref = torch.cat([_rotate_pairs(n, f) for n, f in zip(normed, freqs)], dim=1)
             else:
                 ref = apply_rotary_emb(torch.cat(normed, dim=1), (cos[0], sin[0]), sequence_dim=1)
             errors.append(("qk"[i], _error(got[i], ref), TOLERANCE[dtype]))
@@ -312,38 +318,67 @@ def _adaln(norm: nn.Module, dtype: torch.dtype) -> Check:
 
 # ---------- which configurations a model calls ----------
 
-def plan(model: nn.Module, dtype: torch.dtype) -> list[Check]:
-    """The checks of every kernel configuration `model`'s forward calls with activations in dtype, one per
-    configuration, found by walking its modules as their forwards call them (fused_*.py, layers.py)."""
-    from pipeline.quantization.fused_attention import FusedRopeFluxAttnProcessor, norm_args
-    from pipeline.quantization.fused_block import FusedFluxTransformerBlock, FusedQwenImageTransformerBlock
-    from pipeline.quantization.fused_mlp import FusedGeluFeedForward, FusedMLPFluxSingleTransformerBlock
-    from pipeline.quantization.fused_norm import FusedAdaLayerNormZero, FusedAdaLayerNormZeroSingle
-    from pipeline.quantization.fused_qkv import FusedQKVQwenProcessor
-    from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear, is_int4_w4a4
+class PlanContext:
+    """What a family's fused module uses to list its kernel calls (its `kernel_checks`): the checks of its layers'
+    calls, as this walk plans them, and the fused kernels' checks."""
 
-    checks: list[Check] = []
-    claimed: set[int] = set()  # layers whose calls were planned by their owner
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.claimed: set[int] = set()  # layers whose calls were planned by their owner
 
-    def linear(layer, residual=False, gated=False) -> Check:
-        claimed.add(id(layer))
-        return _linear(layer, dtype, residual, gated)
+    def linear(self, layer, residual=False, gated=False) -> Check:
+        self.claimed.add(id(layer))
+        return _linear(layer, self.dtype, residual, gated)
 
+    @staticmethod
     def svdq(owner, *names) -> list[nn.Module]:
+        from pipeline.quantization.layers import SVDQW4A4Linear
+
         found = [getattr(owner, n, None) for n in names]
         return [m for m in found if isinstance(m, SVDQW4A4Linear)]
 
-    def joint_or_plain(layers) -> list[Check]:
+    def joint_or_plain(self, layers) -> list[Check]:
         """joint_linear's call where it applies (the text stream first), else each layer's own."""
-        plain = tuple(linear(m) for m in layers)
+        from pipeline.quantization.layers import is_int4_w4a4
+
+        plain = tuple(self.linear(m) for m in layers)
         if len(layers) == 2 and all(is_int4_w4a4(m) for m in layers) and len({m.out_features for m in layers}) == 1:
-            return [_joint(tuple(layers), dtype, plain)]
+            return [_joint(tuple(layers), self.dtype, plain)]
         return list(plain)
 
-    def outputs(attn) -> list[nn.Module]:
+    def outputs(self, attn) -> list[nn.Module]:
+        """The attention's output projections that are SVDQuant layers (to_add_out, to_out[0])."""
+        from pipeline.quantization.layers import SVDQW4A4Linear
+
         to_out = getattr(attn, "to_out", None)
-        return svdq(attn, "to_add_out") + ([to_out[0]] if to_out is not None and isinstance(to_out[0], SVDQW4A4Linear)
-                                           else [])
+        return self.svdq(attn, "to_add_out") + (
+            [to_out[0]] if to_out is not None and isinstance(to_out[0], SVDQW4A4Linear) else [])
+
+    def rope(self, streams, heads: int, head_dim: int, spec, paired: bool, fallback: tuple) -> Check:
+        return _rope(streams, heads, head_dim, spec, paired, self.dtype, fallback)
+
+    def gelu_mlp(self, fc1, fc2, residual: bool, gated: bool, fallback: tuple) -> Check:
+        return _gelu_mlp(fc1, fc2, self.dtype, residual, gated, fallback)
+
+    @staticmethod
+    def norm_args(norms, dtype, head_dim):
+        from pipeline.quantization.fused_attention import norm_args
+
+        return norm_args(norms, dtype, head_dim)
+
+
+def plan(model: nn.Module, dtype: torch.dtype) -> list[Check]:
+    """The checks of every kernel configuration `model`'s forward calls with activations in dtype, one per
+    configuration, found by walking its modules as their forwards call them (layers.py, fused_*.py, and each
+    family's fused modules: a processor or module with `kernel_checks` lists its own calls, a block with
+    `kernel_norms` the norms it runs through the AdaLN kernel, `gates_in_epilogue` a block whose branches end in
+    gated GEMMs)."""
+    from pipeline.quantization.fused_mlp import FusedGeluFeedForward
+    from pipeline.quantization.fused_norm import FusedAdaLayerNormZero, FusedAdaLayerNormZeroSingle
+    from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
+
+    ctx = PlanContext(dtype)
+    checks: list[Check] = []
 
     def adaln(norm) -> None:
         if type(norm) is nn.LayerNorm and not norm.elementwise_affine:
@@ -353,59 +388,24 @@ def plan(model: nn.Module, dtype: torch.dtype) -> list[Check]:
     for name, module in modules.items():
         parent = modules.get(name.rpartition(".")[0]) if name else None
         processor = getattr(module, "processor", None)
-        if isinstance(processor, FusedRopeFluxAttnProcessor):
-            joint = module.added_kv_proj_dim is not None
-            norms = (module.norm_q, module.norm_k) + ((module.norm_added_q, module.norm_added_k) if joint else ())
-            projections = svdq(module, "to_added_qkv", "to_qkv", "add_q_proj", "add_k_proj", "add_v_proj", "to_q",
-                               "to_k", "to_v")
-            unfused = tuple(linear(m) for m in projections + outputs(module))
-            spec = norm_args(norms, dtype, module.head_dim)
-            if spec is None:
-                checks += unfused
-                continue
-            streams = [(module.norm_added_q, module.norm_added_k)] if joint else []
-            checks.append(_rope(streams + [(module.norm_q, module.norm_k)], module.heads, module.head_dim, spec,
-                                False, dtype, unfused))
-            if joint and getattr(module, "fused_projections", False):
-                checks += joint_or_plain(svdq(module, "to_added_qkv", "to_qkv"))
-            else:
-                checks += [linear(m) for m in projections]
-            gated = isinstance(parent, FusedFluxTransformerBlock)
-            checks += [linear(m, gated=gated) for m in outputs(module)]
-        elif isinstance(processor, FusedQKVQwenProcessor):
-            projections = svdq(module, "to_added_qkv", "to_qkv")
-            outs = tuple(linear(m) for m in outputs(module))
-            norms = (module.norm_added_q, module.norm_added_k, module.norm_q, module.norm_k)
-            spec = (norm_args(norms, dtype, module.inner_dim // module.heads)
-                    if processor.fused_rope and all(n is not None for n in norms) else None)
-            checks += joint_or_plain(projections) if processor.fused_rope else [linear(m) for m in projections]
-            if spec is None:
-                checks += outs
-                continue
-            checks.append(_rope([norms[:2], norms[2:]], module.heads, module.inner_dim // module.heads, spec, True,
-                                dtype, outs))
-            gated = isinstance(parent, FusedQwenImageTransformerBlock)
-            checks += [linear(m, gated=gated) for m in outputs(module)]
+        if hasattr(processor, "kernel_checks"):
+            checks += processor.kernel_checks(module, parent, ctx)
         elif isinstance(module, FusedGeluFeedForward):
             fc1, fc2 = module.net[0].proj, module.net[2]
-            gated = isinstance(parent, (FusedFluxTransformerBlock, FusedQwenImageTransformerBlock))
-            checks.append(_gelu_mlp(fc1, fc2, dtype, False, gated, (linear(fc1), linear(fc2, gated=gated))))
-        elif isinstance(module, FusedMLPFluxSingleTransformerBlock):
-            fc1, fc2, gated = module.proj_mlp, module.proj_out.second, module.gate_in_epilogue
-            checks.append(_gelu_mlp(fc1, fc2, dtype, True, gated,
-                                    (linear(fc1), linear(fc2, residual=True, gated=gated))))
+            gated = getattr(parent, "gates_in_epilogue", False)
+            checks.append(ctx.gelu_mlp(fc1, fc2, False, gated, (ctx.linear(fc1), ctx.linear(fc2, gated=gated))))
+        elif hasattr(module, "kernel_checks"):
+            checks += module.kernel_checks(parent, ctx)
         elif isinstance(module, SplitInputLinear):
-            if isinstance(module.second, SVDQW4A4Linear) and id(module.second) not in claimed:
-                checks.append(linear(module.second, residual=True))
+            if isinstance(module.second, SVDQW4A4Linear) and id(module.second) not in ctx.claimed:
+                checks.append(ctx.linear(module.second, residual=True))
         elif isinstance(module, AWQW4A16Linear):
             checks.append(_awq(module, dtype))
         elif isinstance(module, (FusedAdaLayerNormZero, FusedAdaLayerNormZeroSingle)):
             adaln(module.norm)
-        if isinstance(module, FusedFluxTransformerBlock) and isinstance(module.norm1, FusedAdaLayerNormZero):
-            adaln(module.norm2)
-        elif isinstance(module, FusedQwenImageTransformerBlock) and module.norm_kernel:
-            adaln(module.img_norm1)
-    checks += [linear(m) for m in modules.values() if isinstance(m, SVDQW4A4Linear) and id(m) not in claimed]
+        for norm in (module.kernel_norms() if hasattr(module, "kernel_norms") else ()):
+            adaln(norm)
+    checks += [ctx.linear(m) for m in modules.values() if isinstance(m, SVDQW4A4Linear) and id(m) not in ctx.claimed]
     unique: dict[tuple, Check] = {}
     for check in checks:
         unique.setdefault(check.config, check)

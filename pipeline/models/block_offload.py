@@ -20,19 +20,37 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # run order: FLUX double, then single blocks
 
 _STREAMERS: "weakref.WeakKeyDictionary[nn.Module, BlockStreamer]" = weakref.WeakKeyDictionary()
 
 
+def block_lists(transformer: nn.Module) -> tuple[str, ...]:
+    """The names of the transformer's block lists in the order they run (its architecture's `block_stacks`,
+    e.g. FLUX's double then single blocks)."""
+    from pipeline.quantization.architecture import architecture_of
+
+    try:
+        return tuple(architecture_of(transformer).block_stacks)
+    except ValueError:  # another transformer: whichever known block-list names it has
+        return tuple(name for name in all_block_lists() if hasattr(transformer, name))
+
+
+def all_block_lists() -> tuple[str, ...]:
+    """Every architecture's block lists, each architecture's in run order (for files read without a model)."""
+    from pipeline.quantization.architecture import architectures
+
+    return tuple(dict.fromkeys(name for arch in architectures() for name in arch.block_stacks))
+
+
 def transformer_blocks(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's blocks in the order they run (FLUX: double then single blocks; Qwen-Image: its one list)."""
-    return [block for name in BLOCK_LISTS for block in getattr(transformer, name, None) or []]
+    """The transformer's blocks in the order they run."""
+    return [block for name in block_lists(transformer) for block in getattr(transformer, name, None) or []]
 
 
 def non_block_modules(transformer: nn.Module) -> list[nn.Module]:
     """The transformer's direct children other than the block lists: these stay on the device."""
-    return [child for name, child in transformer.named_children() if name not in BLOCK_LISTS]
+    lists = block_lists(transformer)
+    return [child for name, child in transformer.named_children() if name not in lists]
 
 
 def _cast(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -95,7 +113,7 @@ class BlockStreamer:
                  dtype: Optional[torch.dtype] = None):
         blocks = transformer_blocks(transformer)
         if not blocks:
-            raise ValueError(f"{type(transformer).__name__} has no {' or '.join(BLOCK_LISTS)} to stream")
+            raise ValueError(f"{type(transformer).__name__} has no {' or '.join(all_block_lists())} to stream")
         if resident < 1:
             raise ValueError(f"resident must be >= 1, got {resident}")
         if transformer in _STREAMERS:

@@ -12,7 +12,6 @@ from pipeline.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
-PIPELINE_CLASSES = {"flux": "FluxPipeline", "qwen-image": "QwenImagePipeline"}
 _DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 
 
@@ -85,10 +84,11 @@ def _move(pipe, device: torch.device, dtype: torch.dtype) -> None:
 def _load_pretrained(model: ModelConfig, dtype: torch.dtype, transformer=None):
     import diffusers
 
+    from pipeline.families import family
     from pipeline.models.pretrained import resolve_model_dir
 
     folder = resolve_model_dir(model)
-    cls = getattr(diffusers, PIPELINE_CLASSES[model.family])
+    cls = getattr(diffusers, family(model.family).pipeline_class)
     given = {} if transformer is None else {"transformer": transformer}
     log.info("Loading %s from %s%s", model.name, folder, " (its transformer from the quantized file)" if given else "")
     with quiet_diffusers():

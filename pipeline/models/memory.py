@@ -39,7 +39,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pipeline.models.block_offload import BLOCK_LISTS, transformer_blocks
+from pipeline.models.block_offload import all_block_lists, transformer_blocks
 from pipeline.quantization.safetensors_file import DTYPES, read_header
 
 GiB = 1024**3
@@ -49,7 +49,13 @@ DENOISE_FACTOR, TEXT_FACTOR, VAE_FACTOR = 20, 32, 8
 PIXELS_PER_TOKEN = 16  # both families: 8x VAE downsampling, 2x2 patches
 QWEN_VAE_TILE = 256  # AutoencoderKLQwenImage's default tile (not in its config.json)
 
-_BLOCK_KEY = re.compile(rf"^({'|'.join(BLOCK_LISTS)})\.(\d+)\.")
+
+
+def _block_key(name: str) -> Optional[tuple[int, int]]:
+    """(block list, block number) of a tensor name in any architecture's block lists (run order), else None."""
+    lists = all_block_lists()
+    m = re.match(rf"^({'|'.join(map(re.escape, lists))})\.(\d+)\.", name)
+    return (lists.index(m.group(1)), int(m.group(2))) if m else None
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -128,9 +134,8 @@ class TransformerBytes:
     def from_tensors(cls, sizes: dict[str, int]) -> "TransformerBytes":
         per_block: dict[tuple[int, int], int] = {}
         for name, n in sizes.items():
-            m = _BLOCK_KEY.match(name)
-            if m:
-                key = (BLOCK_LISTS.index(m.group(1)), int(m.group(2)))
+            key = _block_key(name)
+            if key is not None:
                 per_block[key] = per_block.get(key, 0) + n
         return cls(sum(sizes.values()), tuple(per_block[k] for k in sorted(per_block)))
 

@@ -10,7 +10,7 @@ Counted as diffusers 0.42 cuts them:
   to `max_sequence_length`. The count is of that rest: the prompt plus the template's closing tokens
   (`<|im_end|>`, `<|im_start|>assistant`), which go first when the prompt fills the limit.
 
-What each family encodes is the table ENCODERS below; nothing else here knows about families.
+What each family encodes is its module's `encoders` (pipeline/families/); nothing here knows about families.
 """
 
 from __future__ import annotations
@@ -29,30 +29,26 @@ class Encoder:
     hint: str = ""  # how to keep the whole prompt
 
 
-def _clip_limit(pipe, max_sequence_length: int) -> int:
+def clip_limit(pipe, max_sequence_length: int) -> int:
+    """CLIP's fixed window (the pipeline's tokenizer_max_length, 77)."""
     return getattr(pipe, "tokenizer_max_length", None) or 77
 
 
-def _sequence_limit(pipe, max_sequence_length: int) -> int:
+def sequence_limit(pipe, max_sequence_length: int) -> int:
+    """An encoder cut to the run's max_sequence_length (T5, Qwen3)."""
     return max_sequence_length
 
 
-def _qwen_limit(pipe, max_sequence_length: int) -> int:
+def templated_limit(pipe, max_sequence_length: int) -> int:
+    """A chat-templated encoder: the pipeline's own cap, then max_sequence_length."""
     return min(getattr(pipe, "tokenizer_max_length", 1024), max_sequence_length)
 
 
-ENCODERS: dict[str, tuple[Encoder, ...]] = {
-    "flux": (
-        Encoder("clip", "CLIP", "tokenizer", _clip_limit,
-                hint="CLIP's limit is fixed; the T5 encoder still reads up to sampler.max_sequence_length tokens"),
-        Encoder("t5", "T5", "tokenizer_2", _sequence_limit,
-                hint="raise sampler.max_sequence_length (FLUX allows up to 512) or shorten the prompt"),
-    ),
-    "qwen-image": (
-        Encoder("qwen", "Qwen2.5-VL", "tokenizer", _qwen_limit, templated=True,
-                hint="raise sampler.max_sequence_length (Qwen-Image allows up to 1024) or shorten the prompt"),
-    ),
-}
+def encoders_of(family: str) -> tuple[Encoder, ...]:
+    """The text encoders a family's pipeline feeds (its module's `encoders`)."""
+    from pipeline.families import family as get_family
+
+    return get_family(family).encoders
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ def _count(pipe, enc: Encoder, prompt: str) -> Optional[int]:
 def token_counts(pipe, family: str, prompt: str, max_sequence_length: int) -> list[PromptCut]:
     """Each encoder of `family` (that the pipeline has) with the prompt's tokens and its limit, cut or not."""
     counts = []
-    for enc in ENCODERS[family]:
+    for enc in encoders_of(family):
         tokens = _count(pipe, enc, prompt)
         if tokens is not None:
             counts.append(PromptCut(enc.key, enc.label, tokens, enc.limit(pipe, max_sequence_length), enc.hint))

@@ -21,13 +21,13 @@ from pipeline.errors import ModelNotFoundError, QuantizationError
 from pipeline.quantization.file_info import CheckpointInfo, config_mismatches
 
 log = logging.getLogger("pipeline")
-TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "qwen-image": "QwenImageTransformer2DModel"}
-
-
 def transformer_class(family: str):
+    """The diffusers transformer class of a model family."""
     import diffusers
 
-    return getattr(diffusers, TRANSFORMER_CLASSES[family])
+    from pipeline.families import family as get_family
+
+    return getattr(diffusers, get_family(family).architecture.transformer_class)
 
 
 def transformer_config(model: ModelConfig, info: Optional[CheckpointInfo] = None) -> tuple[dict[str, Any], str]:
@@ -52,10 +52,14 @@ def transformer_config(model: ModelConfig, info: Optional[CheckpointInfo] = None
 
 def check_file_fits(model: ModelConfig, info: CheckpointInfo) -> None:
     """Refuse, before anything is loaded, a file made for another model family or another transformer shape."""
-    if info.family and info.family != model.family:
+    from pipeline.families import family as get_family
+
+    arch = get_family(model.family).architecture.name
+    if info.family and info.family != arch:
         raise QuantizationError(
             f"{info.path} holds a {info.family} transformer (by its tensor names) but model={model.name} is a "
-            f"{model.family} model. Use a {model.family} svdq-* file, or choose the model the file was made for.")
+            f"{model.family} model ({arch} transformer). Use a {arch} svdq-* file made for {model.name}, or choose "
+            "the model the file was made for.")
     if not info.config:
         return
     expected, source = transformer_config(model, None if model.source == ModelSource.tiny else info)

@@ -99,9 +99,12 @@ def calibrate(pipe, cfg, height: int, width: int, max_sequence_length: int):
         from pipeline.errors import QuantizationError
 
         raise QuantizationError(f"quantization.calibration.manifest={c.manifest} has no usable prompts")
-    settings = CalibrationSettings(prompts=prompts, steps=c.steps, height=c.height or height, width=c.width or width,
-                                   max_rows=c.max_rows, batch_size=c.batch_size, seed=c.seed,
-                                   max_sequence_length=max_sequence_length)
+    from pipeline.families import family
+
+    h, w = c.height or height, c.width or width
+    settings = CalibrationSettings(prompts=prompts, steps=c.steps, height=h, width=w, max_rows=c.max_rows,
+                                   batch_size=c.batch_size, seed=c.seed, max_sequence_length=max_sequence_length,
+                                   call_kwargs=family(cfg.model.family).calibration_kwargs(pipe, h, w))
     log.info("calibrating: %d prompts x %d steps at %dx%d (%s)", len(prompts), c.steps, settings.width,
              settings.height, manifest.path)
     # one line per denoising step (one transformer call each: calibration runs without CFG)
@@ -144,9 +147,16 @@ def _dtype16(transformer: nn.Module) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def load_with_engine(path: str, family: str, device: torch.device):
-    """The real Nunchaku engine's own loader (only reached where that engine is installed)."""
+def load_with_engine(path: str, architecture: str, device: torch.device):
+    """The real Nunchaku engine's own loader for an architecture (only reached where that engine is installed)."""
     import nunchaku
 
-    cls = nunchaku.NunchakuFluxTransformer2dModel if family == "flux" else nunchaku.NunchakuQwenImageTransformer2DModel
-    return cls.from_pretrained(path).to(device)
+    from pipeline.quantization.architecture import architecture as get_architecture
+
+    arch = get_architecture(architecture)
+    if arch.engine_class is None or not hasattr(nunchaku, arch.engine_class):
+        from pipeline.errors import QuantizationError
+
+        raise QuantizationError(f"the installed Nunchaku engine has no {arch.name} transformer "
+                                f"({arch.engine_class or 'none is published'}); use quantization.backend=native")
+    return getattr(nunchaku, arch.engine_class).from_pretrained(path).to(device)

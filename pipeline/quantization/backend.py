@@ -20,13 +20,19 @@ from pipeline.config.schema import Backend
 from pipeline.errors import DeviceError, QuantizationError
 
 log = logging.getLogger("pipeline")
-ENGINE_MARKERS = ("NunchakuFluxTransformer2dModel", "NunchakuQwenImageTransformer2DModel")
 
 
 @dataclass
 class BackendChoice:
     name: str  # reference | nunchaku
     notes: list[str] = field(default_factory=list)
+
+
+def engine_markers() -> list[str]:
+    """The transformer classes the real engine exports (each architecture's `engine_class`)."""
+    from pipeline.quantization.architecture import architectures
+
+    return [a.engine_class for a in architectures() if a.engine_class]
 
 
 def nunchaku_engine() -> tuple[bool, str]:
@@ -37,9 +43,10 @@ def nunchaku_engine() -> tuple[bool, str]:
         mod = importlib.import_module("nunchaku")
     except Exception as e:  # the real engine fails to import without its CUDA libraries
         return False, f"nunchaku is installed but does not import: {type(e).__name__}: {e}"
-    if not any(hasattr(mod, m) for m in ENGINE_MARKERS):
+    markers = engine_markers()
+    if not any(hasattr(mod, m) for m in markers):
         where = getattr(mod, "__file__", "?")
-        return False, (f"the installed nunchaku ({where}) is not the SVDQuant engine (it has no {ENGINE_MARKERS[0]}); "
+        return False, (f"the installed nunchaku ({where}) is not the SVDQuant engine (it has no {markers[0]}); "
                        "PyPI's 'nunchaku' is an unrelated library: pip uninstall nunchaku, then install the engine's "
                        "wheel from its releases")
     return True, "the Nunchaku SVDQuant engine is installed"

@@ -8,7 +8,7 @@ quantized layer's output error.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -29,6 +29,7 @@ class CalibrationSettings:
     batch_size: int = 4
     seed: int = 0
     max_sequence_length: int = 512
+    call_kwargs: dict = field(default_factory=dict)  # the family's own arguments (e.g. a stand-in input image)
 
 
 class _Collector:
@@ -71,7 +72,7 @@ def collect_stats(pipe, targets: list[Target], settings: CalibrationSettings) ->
             with torch.inference_mode():
                 pipe(prompt=chunk, num_inference_steps=settings.steps, height=settings.height,
                      width=settings.width, generator=gens, output_type="latent", true_cfg_scale=1.0,
-                     max_sequence_length=settings.max_sequence_length)
+                     max_sequence_length=settings.max_sequence_length, **settings.call_kwargs)
     finally:
         for h in handles:
             h.remove()

@@ -3,8 +3,8 @@
 Quantized layers are stored packed (packing.py) under Nunchaku's names; every other tensor of the
 transformer is stored in 16 bits under its diffusers name. The header carries `config`, `model_class`,
 `quantization_config` and `comfy_config` as the engine's merged files do, plus `svdq_batch` (our settings).
-FLUX files are written with the legacy names by default (the only FLUX naming Nunchaku's loaders read);
-reading takes both naming schemes (file_names.py). Reading fills a transformer built on the meta device:
+An architecture with a legacy naming is written with it by default where that is the only naming Nunchaku's
+loaders read (architecture.py); reading takes both schemes (file_names.py). Reading fills a transformer built on the meta device:
 every tensor comes from the file, so the 16-bit transformer weights are never read and need not exist.
 A file that does not fit the model fails naming the tensor, the expected and the found shape.
 """
@@ -22,11 +22,11 @@ from torch import nn
 from pipeline.errors import QuantizationError
 from pipeline.quantization import numerics as nx
 from pipeline.quantization import packing as pk
-from pipeline.quantization.file_info import MODEL_CLASSES, CheckpointInfo, inspect_checkpoint, quantization_config
-from pipeline.quantization.file_names import to_diffusers, to_legacy
+from pipeline.quantization.architecture import Architecture, architecture_of
+from pipeline.quantization.file_info import CheckpointInfo, inspect_checkpoint, quantization_config
 from pipeline.quantization.layers import AWQW4A16Linear, SplitInputLinear, SVDQW4A4Linear
 from pipeline.quantization.safetensors_file import TensorFile
-from pipeline.quantization.targets import Target, family_of, targets_for
+from pipeline.quantization.targets import Target
 from pipeline.quantization.transform import install, modulation_fold, quantized_layers
 
 __all__ = ["CheckpointInfo", "default_naming", "file_layout", "file_name", "inspect_checkpoint", "load_checkpoint",
@@ -34,32 +34,26 @@ __all__ = ["CheckpointInfo", "default_naming", "file_layout", "file_name", "insp
 QUANTIZED_MODULES = (SVDQW4A4Linear, AWQW4A16Linear, SplitInputLinear)
 
 
+def default_naming(arch: Architecture) -> str:
+    """The naming an architecture's files are written with: legacy where that is all Nunchaku's loaders read."""
+    return arch.naming
+
+
+def _naming(arch: Architecture, naming: Optional[str]) -> str:
+    naming = naming or default_naming(arch)
+    if naming == "legacy" and arch.legacy_names is None:
+        raise QuantizationError(f"{arch.name} files have no legacy naming scheme; use quantization.naming=diffusers")
+    return naming
+
+
+def _renamed(arch: Architecture, naming: str, table: dict) -> dict:
+    """Keys in the file's naming (legacy: the architecture's per-block names)."""
+    return {arch.legacy_names.to_legacy(k): v for k, v in table.items()} if naming == "legacy" else table
+
+
 def file_name(precision: str, rank: int, model_name: str) -> str:
     """svdq-{int4|fp4}_r{rank}-<model>.safetensors, as Nunchaku's model repositories name them."""
     return f"svdq-{'int4' if precision == 'int4' else 'fp4'}_r{rank}-{model_name}.safetensors"
-
-
-def default_naming(family: str) -> str:
-    """FLUX: legacy (what Nunchaku and ComfyUI-nunchaku load); Qwen-Image: its diffusers names (the only ones)."""
-    return "legacy" if family == "flux" else "diffusers"
-
-
-def flux_comfy_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The `comfy_config` metadata of a FLUX file: ComfyUI's own model class and settings, from which
-    ComfyUI-nunchaku builds the model (nodes/models/flux.py; "FluxSchnell" for a model without guidance
-    embedding, else "Flux"). ComfyUI counts latent channels before diffusers' 2x2 packing: 64 -> 16, patch 2.
-    Nunchaku's Qwen-Image files carry none (its ComfyUI loader reads only quantization_config)."""
-    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-    channels = config.get("in_channels", 64)
-    guidance = bool(config.get("guidance_embeds", False))
-    return {"model_class": "Flux" if guidance else "FluxSchnell", "model_config": {
-        "axes_dim": list(config.get("axes_dims_rope", (16, 56, 56))),
-        "context_in_dim": config.get("joint_attention_dim", 4096), "depth": config["num_layers"],
-        "depth_single_blocks": config["num_single_layers"], "disable_unet_model_creation": True,
-        "guidance_embed": guidance, "hidden_size": heads * head_dim, "image_model": "flux",
-        "in_channels": channels // 4, "mlp_ratio": 4.0, "num_heads": heads,
-        "out_channels": (config.get("out_channels") or channels) // 4, "patch_size": 2, "qkv_bias": True,
-        "theta": 10000, "vec_in_dim": config.get("pooled_projection_dim", 768)}}
 
 
 # ---------- writing ----------
@@ -85,7 +79,7 @@ def _pack_svdq(name: str, parts: list[SVDQW4A4Linear], fused: bool, dtype16: tor
         f"{name}.proj_up": pk.pack_proj_up(cat("proj_up")),
     }
     # every W4A4 layer carries a bias, zeros where the layer has none (DeepCompressor writes it so; Nunchaku's
-    # layers always have one, e.g. the MLP half of FLUX's split proj_out under NVFP4)
+    # layers always have one, e.g. the second half of a split proj_out under NVFP4)
     out[f"{name}.bias"] = pk.pack_vector(bias if bias is not None else torch.zeros(n, dtype=first.smooth.dtype))
     if first.precision == "nvfp4":
         tensor_scale = torch.cat([p.wtscale.detach().cpu().float().reshape(1).expand(p.out_features) for p in parts])
@@ -108,10 +102,10 @@ def _exact(values: torch.Tensor, dtype16: torch.dtype, what: str) -> torch.Tenso
     return stored
 
 
-def _file_fold(t: Target, n: int, family: str, naming: str) -> torch.Tensor:
-    """The AdaLN "+1" a file's modulation bias holds. Nunchaku's files fold it in (its FLUX and Qwen-Image blocks run
-    with scale_shift=0); this project's older diffusers-named FLUX files did not, and still load as written."""
-    if family == "flux" and naming == "diffusers":
+def _file_fold(t: Target, n: int, arch: Architecture, naming: str) -> torch.Tensor:
+    """The AdaLN "+1" a file's modulation bias holds. Nunchaku's files fold it in (its blocks run with
+    scale_shift=0); an architecture's older diffusers-named files may not (`unfolded_diffusers_files`)."""
+    if arch.unfolded_diffusers_files and naming == "diffusers":
         return torch.zeros(n)
     return modulation_fold(t, n)
 
@@ -129,14 +123,14 @@ def _pack_awq(name: str, layer: AWQW4A16Linear, t: Target, dtype16: torch.dtype,
 def state_dict_for_file(transformer: nn.Module, *, precision: str, naming: Optional[str] = None,
                         dtype16: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """All tensors of a quantized transformer in file layout: quantized packed, every other one in dtype16."""
-    family = family_of(transformer)
-    naming = naming or default_naming(family)
-    targets = {t.name: t for t in targets_for(transformer)}
+    arch = architecture_of(transformer)
+    naming = _naming(arch, naming)
+    targets = {t.name: t for t in arch.targets(transformer)}
     tensors: dict[str, torch.Tensor] = {}
     for name, parts in quantized_layers(transformer).items():
         t = targets[name]
         if isinstance(parts[0], AWQW4A16Linear):
-            tensors.update(_pack_awq(name, parts[0], t, dtype16, _file_fold(t, parts[0].out_features, family, naming)))
+            tensors.update(_pack_awq(name, parts[0], t, dtype16, _file_fold(t, parts[0].out_features, arch, naming)))
         else:
             tensors.update(_pack_svdq(name, parts, len(t.parts) > 1, dtype16))
     skip = tuple(f"{p}." for p, m in transformer.named_modules() if isinstance(m, QUANTIZED_MODULES))
@@ -144,9 +138,7 @@ def state_dict_for_file(transformer: nn.Module, *, precision: str, naming: Optio
         if not key.startswith(skip):
             value = value.detach().cpu()
             tensors[key] = (value.to(dtype16) if value.is_floating_point() else value).contiguous()
-    if naming == "legacy":
-        tensors = {to_legacy(k): v for k, v in tensors.items()}
-    return tensors
+    return _renamed(arch, naming, tensors)
 
 
 def file_layout(transformer: nn.Module, *, precision: str, rank: int, naming: Optional[str] = None,
@@ -154,13 +146,13 @@ def file_layout(transformer: nn.Module, *, precision: str, rank: int, naming: Op
     """name -> (shape, dtype) of every tensor a file for this transformer holds, from module shapes alone (the
     transformer may be on the meta device): what `state_dict_for_file` writes and `load_checkpoint` reads. The AdaLN
     modulation counts as AWQ, as in every file Nunchaku publishes."""
-    family = family_of(transformer)
-    naming = naming or default_naming(family)
+    arch = architecture_of(transformer)
+    naming = _naming(arch, naming)
     group = nx.group_size(precision)
     scale_dtype = dtype16 if precision == "int4" else torch.float8_e4m3fn
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     replaced: set[str] = set()
-    for t in targets_for(transformer):
+    for t in arch.targets(transformer):
         n, k = target_shape(transformer, t)
         replaced.update(t.parts)
         if t.kind == "awq":
@@ -177,9 +169,7 @@ def file_layout(transformer: nn.Module, *, precision: str, rank: int, naming: Op
     for key, value in transformer.state_dict().items():
         if not key.startswith(skip):
             layout[key] = (tuple(value.shape), dtype16 if value.is_floating_point() else value.dtype)
-    if naming == "legacy":
-        layout = {to_legacy(k): v for k, v in layout.items()}
-    return layout
+    return _renamed(arch, naming, layout)
 
 
 def save_checkpoint(transformer: nn.Module, path: str | Path, *, precision: str, rank: int, act_unsigned: bool,
@@ -190,16 +180,15 @@ def save_checkpoint(transformer: nn.Module, path: str | Path, *, precision: str,
 
     from pipeline import __version__
 
-    family = family_of(transformer)
-    naming = naming or default_naming(family)
-    if naming == "legacy" and family != "flux":
-        raise QuantizationError("the legacy naming scheme exists only for FLUX files; use quantization.naming=diffusers")
+    arch = architecture_of(transformer)
+    naming = _naming(arch, naming)
     path = Path(path)
     config = json.loads(transformer.to_json_string()) if hasattr(transformer, "to_json_string") else {}
     metadata = {
         "config": json.dumps(config),
-        **({"comfy_config": json.dumps(flux_comfy_config(config), indent=2, sort_keys=True)} if family == "flux" else {}),
-        "model_class": MODEL_CLASSES[family],
+        **({"comfy_config": json.dumps(arch.comfy_config(config), indent=2, sort_keys=True)}
+           if arch.comfy_config else {}),
+        "model_class": arch.model_class,
         "quantization_config": json.dumps(quantization_config(precision, rank)),
         "svdq_batch": json.dumps({"format_version": 2, "created_by": f"svdq-batch {__version__}", "model": model_name,
                                   "precision": precision, "rank": rank, "act_unsigned": act_unsigned,
@@ -221,14 +210,19 @@ class _Reader:
     """The file's tensors under this project's names, each read once, in the order asked for (plain reads: the
     process holds only the tensors it keeps, safetensors_file.py)."""
 
-    def __init__(self, path: Path, naming: str):
+    def __init__(self, path: Path, naming: str, arch: Architecture):
         self.path = path
         try:
             self.f = TensorFile(path)
         except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
             raise QuantizationError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-        self.keys = {(to_diffusers(k) if naming == "legacy" else k): k for k in self.f.keys()}
-        self.file_name = to_legacy if naming == "legacy" else str  # a key as the file would name it
+        legacy = arch.legacy_names if naming == "legacy" else None
+        if naming == "legacy" and legacy is None:
+            self.f.close()
+            raise QuantizationError(f"{path}: legacy (per-block) tensor names, which {arch.name} files do not use: "
+                                    "the file is for another model")
+        self.keys = {(legacy.to_diffusers(k) if legacy else k): k for k in self.f.keys()}
+        self.file_name = legacy.to_legacy if legacy else str  # a key as the file would name it
         self.used: set[str] = set()
 
     def has(self, key: str) -> bool:
@@ -276,13 +270,13 @@ def load_checkpoint(transformer: nn.Module, path: str | Path, info: CheckpointIn
     The transformer may be built on the meta device (accelerate's init_empty_weights): every tensor it needs then
     comes from the file, in the dtype the transformer was built with; any tensor the file lacks is an error."""
     path = Path(path)
-    reader = _Reader(path, info.naming)
+    arch = architecture_of(transformer)
+    reader = _Reader(path, info.naming, arch)
     precision, rank = info.precision, info.rank
     group = nx.group_size(precision)
     device = _home_device(transformer)
-    family = family_of(transformer)
-    # FLUX files may hold the AdaLN modulation as AWQ W4A16 or in 16 bits: the file decides.
-    targets = [t for t in targets_for(transformer) if not t.optional or reader.has(f"{t.name}.qweight")]
+    # optional targets (e.g. an AdaLN modulation) may be AWQ W4A16 or 16-bit in a file: the file decides.
+    targets = [t for t in arch.targets(transformer) if not t.optional or reader.has(f"{t.name}.qweight")]
     replaced: set[str] = set()
     pending: dict = {}
     loaded = []
@@ -290,7 +284,7 @@ def load_checkpoint(transformer: nn.Module, path: str | Path, info: CheckpointIn
         n, k = target_shape(transformer, t)
         what = f" (layer {t.name}: {n}x{k}, rank {rank}, {precision})"
         if t.kind == "awq":
-            layer = _read_awq(reader, t, n, k, what, _file_fold(t, n, family, info.naming))
+            layer = _read_awq(reader, t, n, k, what, _file_fold(t, n, arch, info.naming))
         else:
             layer = _read_svdq(reader, t, n, k, rank, precision, group, what,
                                unsigned=act_unsigned and t.after_gelu and precision == "int4")

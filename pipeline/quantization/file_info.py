@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.errors import QuantizationError
+from pipeline.quantization.architecture import architecture_of_file, architectures
 from pipeline.quantization.file_names import naming_of
 
-MODEL_CLASSES = {"flux": "NunchakuFluxTransformer2dModel", "qwen-image": "NunchakuQwenImageTransformer2DModel"}
-# model_class strings seen in files (Nunchaku's merge script and loaders), lower-cased -> family
-_CLASS_FAMILIES = {"nunchakufluxtransformer2dmodel": "flux", "nunchakufluxtransformer2dmodelv2": "flux",
-                   "nunchakuqwenimagetransformer2dmodel": "qwen-image"}
 # config keys that fix the transformer's tensor shapes (diffusers' names, whatever the family)
 SHAPE_KEYS = ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
               "pooled_projection_dim", "in_channels", "out_channels", "patch_size", "guidance_embeds")
@@ -41,7 +38,9 @@ def quantization_config(precision: str, rank: int) -> dict[str, Any]:
 
 
 def family_of_class(model_class: Optional[str]) -> Optional[str]:
-    return _CLASS_FAMILIES.get((model_class or "").lower())
+    """The architecture a `model_class` metadata string names (None if none here does)."""
+    arch = architecture_of_file([], model_class) if model_class else None
+    return arch.name if arch else None
 
 
 @dataclass
@@ -51,7 +50,7 @@ class CheckpointInfo:
     path: str
     precision: str
     rank: int
-    naming: str  # legacy (FLUX per-block names) | diffusers
+    naming: str  # legacy (per-block names) | diffusers
     family: Optional[str]
     model_class: Optional[str]
     act_unsigned: Optional[bool]
@@ -94,11 +93,8 @@ def _json(text: Optional[str], what: str, problems: list[str]) -> dict:
 
 
 def _family_from_keys(keys: list[str]) -> Optional[str]:
-    if any(".img_mod." in k or ".img_mlp." in k for k in keys):
-        return "qwen-image"
-    if any(k.startswith("single_transformer_blocks.") for k in keys):
-        return "flux"
-    return None
+    arch = architecture_of_file(keys, None)
+    return arch.name if arch else None
 
 
 def _metadata_precision(qc: dict) -> Optional[str]:
@@ -140,7 +136,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     if qc and info.metadata_rank is None:
         info.notes.append("quantization_config has no rank: the rank is read from the tensors")
     if info.family and family_of_class(meta.get("model_class")) not in (None, info.family):
-        # Nunchaku's merge script wrote NunchakuFluxTransformer2dModel into every file until late 2025, and no
+        # Nunchaku's merge script wrote its FLUX model_class into every file until late 2025, and no
         # loader reads model_class: the tensor names decide
         info.notes.append(f"model_class={meta.get('model_class')} but the tensor names are a {info.family} "
                           "model's; the tensors decide")
@@ -153,12 +149,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 def _block_counts(keys: list[str]) -> dict[str, int]:
     """Blocks per stack, from the tensor names: num_layers (transformer_blocks), num_single_layers."""
+    names = {stack: key for arch in architectures() for stack, key in arch.block_stacks.items()}
+    if not names:
+        return {}
+    pattern = re.compile(rf"({'|'.join(map(re.escape, names))})\.(\d+)\.")
     found: dict[str, set[int]] = {}
     for k in keys:
-        m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.", k)
+        m = pattern.match(k)
         if m:
             found.setdefault(m[1], set()).add(int(m[2]))
-    names = {"transformer_blocks": "num_layers", "single_transformer_blocks": "num_single_layers"}
     return {names[stack]: len(ids) for stack, ids in found.items()}
 
 

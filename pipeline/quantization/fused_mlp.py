@@ -6,11 +6,10 @@ moves. Fused, fc1's epilogue rounds its tile as it would have stored it, applies
 for fc2 (`w4a4_gemm_gelu_quant`), so only 4-bit codes are written; Nunchaku's engine does the same.
 
 The modules stay diffusers' own, with their paths and weights; only the class of the module that
-owns the MLP is swapped for a subclass whose forward runs the pair (FeedForward in FLUX's double
-blocks and Qwen-Image; FLUX's single block, whose MLP output went through a concatenation into
-`proj_out`'s second half and now goes straight to it). The fused kernel runs where the layers run the
-INT4 Triton kernels; elsewhere (the CPU reference) the same modules run GELU between the layers,
-exactly as before.
+owns the MLP is swapped for a subclass whose forward runs the pair: diffusers' FeedForward here, and
+the MLP owners a family names (e.g. FLUX's single block, pipeline/families/flux/fused.py). The fused
+kernel runs where the layers run the INT4 Triton kernels; elsewhere (the CPU reference) the same
+modules run GELU between the layers, exactly as before.
 """
 
 from __future__ import annotations
@@ -22,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from torch import nn
 
-from pipeline.quantization.diffusers_compat import same_parameters
-from pipeline.quantization.layers import SplitInputLinear, SVDQW4A4Linear, gated, is_int4_w4a4
+from pipeline.quantization.architecture import architecture_of
+from pipeline.quantization.layers import SVDQW4A4Linear, gated, is_int4_w4a4
 
 # Swap in the fused forwards at all? Tests compare both; SVDQ_FUSED_MLP=0 turns it off for a run.
 ENABLED = os.environ.get("SVDQ_FUSED_MLP", "1") != "0"
@@ -72,8 +70,8 @@ class FusedGeluFeedForward(FeedForward):
 
 def joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """torch.cat([first, second], dim=1), without the copy when the two are already adjacent slices of one
-    (batch, tokens, width) tensor: a FLUX single block returns its text and image streams as such slices of
-    its output, and the next block joins them again (38 blocks, ~56 MB per join at 1024²). Under autograd or
+    (batch, tokens, width) tensor: a single-stream block (FLUX's) returns its text and image streams as such
+    slices of its output, and the next block joins them again (38 blocks, ~56 MB per join at 1024²). Under autograd or
     torch.compile it is torch.cat."""
     if (first.requires_grad or second.requires_grad or torch.compiler.is_compiling() or first.dim() != 3
             or second.dim() != 3 or first.dtype != second.dtype or first.device != second.device
@@ -90,75 +88,36 @@ def joined(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, second], dim=1)
 
 
-class FusedMLPFluxSingleTransformerBlock(FluxSingleTransformerBlock):
-    """FLUX's single block with its MLP run as a fused pair into proj_out's second half, which adds the
-    first half's output (the attention's) in its epilogue: no concatenation, no separate GELU. With
-    gate_in_epilogue, that epilogue also computes the gated residual sum. The text and image streams it is
-    given are joined without a copy where they are the previous single block's output (joined)."""
-
-    gate_in_epilogue = False
-
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
-                image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                joint_attention_kwargs: Optional[dict[str, Any]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # diffusers' FluxSingleTransformerBlock.forward, with the MLP and proj_out as above
-        text_seq_len = encoder_hidden_states.shape[1]
-        hidden_states = joined(encoder_hidden_states, hidden_states)  # the previous block's output: no copy
-        residual = hidden_states
-        norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-        attn_output = self.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                                **(joint_attention_kwargs or {}))
-        first = self.proj_out.first(attn_output)
-        if self.gate_in_epilogue:  # residual + gate · proj_out(...) in proj_out's second GEMM (fused_block.py)
-            hidden_states = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second, residual=first,
-                                     gate=gate, gated_residual=residual)
-        else:
-            projected = gelu_mlp(norm_hidden_states, self.proj_mlp, self.proj_out.second, residual=first)
-            hidden_states = gated(projected, gate, residual)
-        if hidden_states.dtype == torch.float16:
-            hidden_states = hidden_states.clip(-65504, 65504)
-        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
-
-
-# The single block's forward is rewritten here from diffusers' (0.42); a diffusers whose forward takes
-# other arguments keeps its own (unfused) forward rather than lose what changed.
-_SINGLE_BLOCK_MATCHES = same_parameters(FluxSingleTransformerBlock.forward, "self", "hidden_states",
-                                        "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
-
-
-def _gelu_tanh(act: nn.Module) -> bool:
+def gelu_tanh(act: nn.Module) -> bool:
     return isinstance(act, (GELU, nn.GELU)) and act.approximate == "tanh"
 
 
 def _fusable(owner: nn.Module) -> bool:
     if type(owner) is FeedForward:
         net = owner.net
-        return (len(net) >= 3 and isinstance(net[0], GELU) and _gelu_tanh(net[0]) and is_int4_w4a4(net[0].proj)
+        return (len(net) >= 3 and isinstance(net[0], GELU) and gelu_tanh(net[0]) and is_int4_w4a4(net[0].proj)
                 and is_int4_w4a4(net[2])
                 and all(isinstance(m, nn.Dropout) for i, m in enumerate(net) if i not in (0, 2)))
-    if type(owner) is FluxSingleTransformerBlock and _SINGLE_BLOCK_MATCHES:
-        out = owner.proj_out
-        return (_gelu_tanh(owner.act_mlp) and is_int4_w4a4(owner.proj_mlp) and isinstance(out, SplitInputLinear)
-                and is_int4_w4a4(out.second) and out.second.in_features == owner.proj_mlp.out_features)
     return False
-
-
-FUSED_CLASSES = {FeedForward: FusedGeluFeedForward, FluxSingleTransformerBlock: FusedMLPFluxSingleTransformerBlock}
 
 
 def install_fused_mlp(transformer: nn.Module, path: str) -> bool:
     """Once both layers of the MLP that owns `path` (an fc2 or proj_out) are INT4 W4A4 layers, swap its owner
-    for the fused subclass; False where there is nothing to fuse (yet)."""
+    for the fused subclass (diffusers' FeedForward here; other MLP owners from the family's `Fusions.mlp_owners`);
+    False where there is nothing to fuse (yet). A fused class may define `on_fused(self)`, called after the swap."""
     if not ENABLED:
         return False
+    owners = architecture_of(transformer).fusions().mlp_owners
     parts = path.split(".")
-    for up in (1, 2):  # FeedForward owns net.2; the single block owns proj_out
+    for up in (1, 2):  # FeedForward owns net.2; a block may own its MLP's last linear directly
         owner = transformer.get_submodule(".".join(parts[:-up]))
         if _fusable(owner):
-            from pipeline.quantization import fused_block
-
-            owner.__class__ = FUSED_CLASSES[type(owner)]
-            if type(owner) is FusedMLPFluxSingleTransformerBlock:
-                owner.gate_in_epilogue = fused_block.ENABLED
+            owner.__class__ = FusedGeluFeedForward
+            return True
+        fused, fusable = owners.get(type(owner), (None, None))
+        if fused is not None and fusable(owner):
+            owner.__class__ = fused
+            if hasattr(owner, "on_fused"):
+                owner.on_fused()
             return True
     return False

@@ -1,5 +1,5 @@
-"""AdaLN-Zero (FLUX's norm1, norm1_context and single blocks' norm) with its LayerNorm and modulation in one
-kernel (pipeline/kernels/triton_norm.py): one pass over the activations instead of three in eager mode.
+"""diffusers' AdaLN-Zero modules (AdaLayerNormZero, AdaLayerNormZeroSingle: e.g. FLUX's norm1, norm1_context and
+single blocks' norm) with their LayerNorm and modulation in one kernel (pipeline/kernels/triton_norm.py): one pass over the activations instead of three in eager mode.
 
 The modules stay diffusers' own (paths, weights, the modulation linear, AWQ once quantized); only their
 class becomes a subclass whose forward calls `svdq::adaln_modulate` where the Triton kernels run. Elsewhere
@@ -67,7 +67,7 @@ def _fusable(owner: nn.Module) -> bool:
 
 def install_fused_norm(transformer: nn.Module, path: str) -> bool:
     """Once the modulation linear at `path` is in place, swap its AdaLN-Zero owner for the fused subclass;
-    False where the owner is not one (Qwen-Image's modulation sits in its blocks)."""
+    False where the owner is not one (a modulation that sits in its block: the block fuses its norms itself)."""
     parent = path.rpartition(".")[0]
     if not ENABLED or not parent:
         return False
