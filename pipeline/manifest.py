@@ -24,6 +24,12 @@ Fields, in every format, matched ignoring case, '_', '-' and spaces (`Negative P
   negative_prompt: negative_prompt, negative, neg_prompt (or `job.columns.negative_prompt`)
   settings: seed (-1: random), steps (num_inference_steps), guidance (guidance_scale), true_cfg_scale,
           height, width, num_images (num_images_per_prompt), tags.
+  image:  image, images, input_image, image_path, init_image, source_image (or `job.columns.image`): the input
+          image(s) of an edit model, paths relative to the manifest's folder; several: a JSON/YAML list, or in a
+          CSV/TSV cell separated by '|' (a.png|b.png)
+  mask:   mask, mask_image, mask_path (or `job.columns.mask`): an inpainting model's mask
+Input images are checked against the model's input kind (`inputs`, see pipeline/inputs.py); COCO's `images`
+list is the document's layout, not a row field, and its `image_id` stays a tag.
 Every other column/field is kept as a tag, nested values (GenEval's `include`) as they are; the other
 prompt/id candidates too (COCO: the caption's annotation `id` is the row id, since an image has ~5 captions
 and its `image_id` repeats; `image_id` is kept as a tag). A name one letter off a setting (two for the long
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config.schema import check_generation_values
+from pipeline.inputs import LIST_SEPARATOR, InputChecker, InputImage
 from pipeline.manifest_formats import FORMATS, PARSERS, Parsed, Record, Text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +59,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INT_FIELDS = ("seed", "steps", "height", "width", "num_images")
 FLOAT_FIELDS = ("guidance", "true_cfg_scale")
 STR_FIELDS = ("id", "negative_prompt")
-KNOWN_FIELDS = ("prompt", *STR_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "tags")
+KNOWN_FIELDS = ("prompt", *STR_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "tags", "image", "mask")
 MAX_IMAGES_PER_ROW = 64
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -70,8 +77,10 @@ FIELD_NAMES: dict[str, tuple[str, ...]] = {
     "width": ("width",),
     "num_images": ("num_images", "num_images_per_prompt"),
     "tags": ("tags",),
+    "image": ("image", "images", "input_image", "image_path", "init_image", "source_image"),
+    "mask": ("mask", "mask_image", "mask_path"),
 }
-MAPPABLE = ("prompt", "id", "negative_prompt")  # fields `job.columns` can name
+MAPPABLE = ("prompt", "id", "negative_prompt", "image", "mask")  # fields `job.columns` can name
 TYPO_TARGETS = (*INT_FIELDS, *FLOAT_FIELDS, "negative_prompt")
 
 
@@ -102,6 +111,8 @@ class PromptRow:
     num_images: int = 1
     tags: dict[str, Any] = field(default_factory=dict)
     explicit_id: bool = False
+    images: tuple[InputImage, ...] = ()  # an edit model's input image(s), checked (pipeline/inputs.py)
+    mask: Optional[InputImage] = None  # an inpainting model's mask
 
 
 @dataclass(frozen=True)
@@ -132,11 +143,14 @@ class Manifest:
         return {p.line for p in self.problems}
 
 
-def read_manifest(path: str | Path, limit: Optional[int] = None, columns: Any = None) -> Manifest:
+def read_manifest(path: str | Path, limit: Optional[int] = None, columns: Any = None,
+                  inputs: str = "text") -> Manifest:
     """Parse and check a whole manifest. Raises ManifestError only when the file itself is unusable.
 
-    `columns`: which column/field holds the prompt, id and negative prompt, as a mapping or an object with
-    those attributes (`job.columns`); a None entry is detected. Naming a column the file lacks raises.
+    `columns`: which column/field holds the prompt, id, negative prompt, image and mask, as a mapping or an
+    object with those attributes (`job.columns`); a None entry is detected. Naming a column the file lacks raises.
+    `inputs`: the model's input kind (pipeline.families.inputs_of): "text" (rows must not carry an image),
+    "image", "images" (1..3) or "image+mask". Every input file is checked once, however many rows share it.
     """
     from pipeline.errors import ManifestError
 
@@ -156,6 +170,7 @@ def read_manifest(path: str | Path, limit: Optional[int] = None, columns: Any = 
     parsed = PARSERS[fmt](text)
     problems = [RowProblem(src, line, fld, msg) for line, fld, msg in parsed.problems]
     plan = _plan(parsed, _mapping(columns), path, fmt)
+    checker = InputChecker(inputs, path.absolute().parent, fmt, tabular=plan.tabular)
     problems += [RowProblem(src, line, fld, msg) for line, fld, msg in plan.problems]
     shared = {line for line, n in Counter(r.line for r in parsed.records).items() if n > 1}
 
@@ -170,7 +185,7 @@ def read_manifest(path: str | Path, limit: Optional[int] = None, columns: Any = 
             bad.add(index)  # the header/file problem above says why
             continue
         else:
-            row, row_problems = _build_row(rec, plan, index, src, suffix)
+            row, row_problems = _build_row(rec, plan, index, src, suffix, checker)
         if row is not None and not row_problems:
             first = seen_ids.get(row.id)
             if first is not None:
@@ -344,7 +359,7 @@ def _fits(fld: str, value: Any) -> bool:
 # --- one row ------------------------------------------------------------------------------------------------
 
 
-def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str
+def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str, checker: InputChecker
                ) -> tuple[Optional[PromptRow], list[RowProblem]]:
     def problem(fld: str, msg: str) -> RowProblem:
         return RowProblem(path, rec.line, fld, msg + suffix)
@@ -377,6 +392,7 @@ def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str
         else:
             extra[key] = str(value) if isinstance(value, Text) else value
     values: dict[str, Any] = {}
+    unreadable = set()
     for fld, value in given.items():
         if value is None:
             continue
@@ -384,6 +400,8 @@ def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str
             values[fld] = _coerce(fld, value)
         except ValueError as e:
             problems.append(problem(_name_of(fld, fields), str(e)))
+            unreadable.add(fld)
+    images, mask = values.pop("image", ()), values.pop("mask", None)
     prompt = values.get("prompt")
     if prompt is None:
         hint = f"; this file's prompts are in {plan.prompt_name!r}" if plan.prompt_name not in (None, "prompt") else ""
@@ -398,6 +416,9 @@ def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str
         problems.append(problem("num_images", f"must be in 1..{MAX_IMAGES_PER_ROW}, got {n}"))
     for key, msg in check_generation_values("", **values):
         problems.append(problem(_name_of(key, fields), msg))
+    if not unreadable & {"image", "mask"}:  # checked against the model's input kind; each file once
+        values["images"], values["mask"], found = checker.row(images, mask, bare=isinstance(rec.value, str))
+        problems += [problem(_name_of(fld, fields), msg) for fld, msg in found]
     if problems:
         return None, problems
     explicit = "id" in values
@@ -423,9 +444,35 @@ def _coerce(key: str, value: Any) -> Any:
         return str(value) if isinstance(value, Text) else value
     if key == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if key == "image":
+        return _paths(value)
+    if key == "mask" and not isinstance(value, str):
+        raise ValueError(f"expected a path (a string), got {_describe(value)}")
+    if key == "mask" and not value.strip():
+        raise ValueError("is empty")
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {_describe(value)}")
     return str(value)
+
+
+def _paths(value: Any) -> tuple[str, ...]:
+    """An `image` value: a path, or several (a JSON/YAML list; in a CSV/TSV cell, separated by '|')."""
+    if isinstance(value, Text):
+        parts = [p.strip() for p in value.split(LIST_SEPARATOR)]
+    elif isinstance(value, str):
+        parts = [value]
+    elif isinstance(value, list):
+        parts = value
+        for p in parts:
+            if not isinstance(p, str):
+                raise ValueError(f"expected a path or a list of paths, got {_describe(p)} in the list")
+    else:
+        raise ValueError(f"expected a path or a list of paths, got {_describe(value)}")
+    if any(not p.strip() for p in parts):
+        if isinstance(value, list):
+            raise ValueError(f"has an empty path in {value!r}")
+        raise ValueError("is empty" if not value.strip() else f"has an empty path: {str(value)!r}")
+    return tuple(str(p) for p in parts)
 
 
 def _number(value: Any, cast: type, name: str) -> Any:

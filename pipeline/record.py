@@ -132,6 +132,16 @@ def without_layers(summary: Optional[dict[str, Any]]) -> Optional[dict[str, Any]
     return {k: v for k, v in summary.items() if k != "layers"} | {"layers_in": RUN_FILE}
 
 
+def input_files(manifest: Manifest) -> list[dict[str, Any]]:
+    """The distinct input images (and masks) of the rows the run makes, once each, in manifest order."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in manifest.rows:
+        for i in row.images + ((row.mask,) if row.mask is not None else ()):
+            seen.setdefault((i.path, i.sha256), {"path": i.path, "sha256": i.sha256, "width": i.width,
+                                                 "height": i.height})
+    return list(seen.values())
+
+
 def initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides, previous: bool = True,
                    previous_parts: Optional[list] = None) -> dict[str, Any]:
     return {
@@ -150,6 +160,7 @@ def initial_record(cfg, manifest, plan, device, dtype, out_dir, overrides, previ
             "sha256": manifest.sha256,
             "rows_total": manifest.total_rows,
             "rows_valid": len(manifest.rows),
+            **({"inputs": inputs} if (inputs := input_files(manifest)) else {}),
         },
         "model": {"name": cfg.model.name, "family": cfg.model.family, "source": cfg.model.source.value},
         "quantization": {"plan": plan.to_dict()},
@@ -226,7 +237,8 @@ def finish_record(cfg: RunConfig, tasks: list[ImageTask], state: RunState, clock
     if cfg.job.grid and status in ("complete", "incomplete"):
         finished_pngs = [state.out_dir / f"{t.stem}.png" for t in tasks
                          if (state.out_dir / f"{t.stem}.png").exists()]
-        if write_grid(finished_pngs, state.out_dir / GRID_FILE, cfg.job.grid_max_images):
+        given = {state.out_dir / f"{t.stem}.png": [Path(i.path) for i in t.inputs] for t in tasks if t.inputs}
+        if write_grid(finished_pngs, state.out_dir / GRID_FILE, cfg.job.grid_max_images, given):
             rec["grid"] = GRID_FILE
     rec["status"] = status
     rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

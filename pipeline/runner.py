@@ -71,8 +71,12 @@ log = logging.getLogger("pipeline")
 
 
 def load_manifest(cfg: RunConfig) -> Manifest:
-    """Read and check the whole manifest; with on_error=abort any bad row stops the run here."""
-    manifest = read_manifest(resolve_manifest_path(cfg.job.manifest), cfg.job.limit, cfg.job.columns)
+    """Read and check the whole manifest (input images against the model's input kind too); with on_error=abort
+    any bad row stops the run here."""
+    from pipeline.families import inputs_of
+
+    manifest = read_manifest(resolve_manifest_path(cfg.job.manifest), cfg.job.limit, cfg.job.columns,
+                             inputs=inputs_of(cfg.model.family))
     _check_rows_against_model(manifest, cfg)
     if manifest.problems and cfg.job.on_error == OnError.abort:
         raise ManifestError(

@@ -19,17 +19,24 @@ order (`plan_batches`), whatever is already on disk and however many processes s
 depend only on its row, the settings and job.batch_size (and the machine: device, dtype, torch version, CPU
 thread count). A resumed run regenerates a partly finished batch whole and writes only its missing images; a
 data-parallel run gives batch i to rank i % world_size.
+
+Input images (edit and inpainting models): a task carries its row's checked inputs (pipeline/inputs.py). Each
+one's role and sha256 enter the settings hash (a changed file is a changed image: resume regenerates it); only
+images with the same inputs share a pipeline call; with no height/width set the output takes the first input's
+aspect ratio (`size_for_input`). Text rows hash exactly as before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
-from pipeline.config.schema import ModelConfig, ModelSource, RunConfig, SeedPolicy
+from pipeline.config.schema import MAX_SIDE, SIZE_MULTIPLE, ModelConfig, ModelSource, RunConfig, SeedPolicy
+from pipeline.inputs import InputImage
 from pipeline.manifest import PromptRow
 from pipeline.quantization.plan import QuantPlan
 
@@ -49,15 +56,23 @@ class ImageTask:
     max_sequence_length: int
     settings_hash: str
     seed_drawn: bool = False  # the seed came from a -1 (drawn at random, recorded in run.json's random_seeds)
+    images: tuple[InputImage, ...] = ()  # the row's input image(s) (edit models)
+    mask: Optional[InputImage] = None  # the row's mask (inpainting models)
 
     @property
     def stem(self) -> str:
         return f"{self.row.id}_{self.seed}"
 
     @property
+    def inputs(self) -> tuple[InputImage, ...]:
+        """The input images, then the mask."""
+        return self.images + ((self.mask,) if self.mask is not None else ())
+
+    @property
     def batch_key(self) -> tuple:
-        """Images with equal keys can share one pipeline call."""
-        return (self.steps, self.guidance, self.true_cfg_scale, self.height, self.width, self.max_sequence_length)
+        """Images with equal keys can share one pipeline call (the same input files too)."""
+        return (self.steps, self.guidance, self.true_cfg_scale, self.height, self.width, self.max_sequence_length,
+                tuple((i.role, i.sha256) for i in self.inputs))
 
     def params(self) -> dict[str, Any]:
         """What made the image (the sidecar and PNG metadata); `seed_drawn` only where the seed was drawn."""
@@ -72,6 +87,8 @@ class ImageTask:
             "height": self.height,
             "width": self.width,
             "max_sequence_length": self.max_sequence_length,
+            **({"inputs": [{"role": i.role, "path": i.given, "sha256": i.sha256, "width": i.width,
+                            "height": i.height} for i in self.inputs]} if self.inputs else {}),
         }
 
 
@@ -107,6 +124,40 @@ def run_identity(cfg: RunConfig, plan: QuantPlan, dtype: str) -> dict[str, Any]:
 
 def _first(*values):
     return next(v for v in values if v is not None)
+
+
+def size_for_input(input_width: int, input_height: int, area: int, height: Optional[int] = None,
+                   width: Optional[int] = None) -> tuple[int, int]:
+    """(height, width) of the output of an edit model when the row and the sampler leave some of it unset.
+
+    Neither set: the input's aspect ratio at `area` pixels (the model's recommended height*width), as diffusers'
+    Kontext and Qwen-Image-Edit pipelines pick a size. One set: the other follows the input's aspect ratio. Each
+    side is rounded to the nearest multiple of SIZE_MULTIPLE (16) and kept in 16..4096; both set: unchanged.
+    E.g. a 1200x800 input at 1024*1024: 1248 wide, 832 high; with height=512: 768 wide."""
+    ratio = input_width / input_height
+
+    def side(x: float) -> int:
+        return min(MAX_SIDE, max(SIZE_MULTIPLE, math.floor(x / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE))
+
+    if height is None and width is None:
+        w = math.sqrt(area * ratio)
+        return side(w / ratio), side(w)
+    if height is None:
+        return side(width / ratio), width
+    if width is None:
+        return height, side(height * ratio)
+    return height, width
+
+
+def _size(row: PromptRow, cfg: RunConfig) -> tuple[int, int]:
+    """(height, width): the row's, else the sampler's, else from the first input image, else the model's."""
+    s, rec = cfg.sampler, cfg.model.recommended
+    height = row.height if row.height is not None else s.height
+    width = row.width if row.width is not None else s.width
+    if row.images and (height is None or width is None):
+        first = row.images[0]
+        return size_for_input(first.width, first.height, rec.height * rec.width, height, width)
+    return _first(height, rec.height), _first(width, rec.width)
 
 
 RANDOM_SEED = -1  # "draw one", as in A1111 and ComfyUI
@@ -177,6 +228,9 @@ def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any],
         random_seeds = draw_random_seeds(rows, s.seed)
     for row in rows:
         first_seed, drawn = _first_seed(row, cfg, random_seeds)
+        height, width = _size(row, cfg)
+        inputs = row.images + ((row.mask,) if row.mask is not None else ())
+        hashed_inputs = {"inputs": [{"role": i.role, "sha256": i.sha256} for i in inputs]} if inputs else {}
         for k in range(row.num_images):
             settings = dict(
                 prompt=row.prompt,
@@ -185,12 +239,14 @@ def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any],
                 steps=_first(row.steps, s.steps, rec.steps),
                 guidance=_first(row.guidance, s.guidance, rec.guidance),
                 true_cfg_scale=_first(row.true_cfg_scale, s.true_cfg_scale, rec.true_cfg_scale),
-                height=_first(row.height, s.height, rec.height),
-                width=_first(row.width, s.width, rec.width),
+                height=height,
+                width=width,
                 max_sequence_length=_first(s.max_sequence_length, rec.max_sequence_length),
             )
-            digest = hashlib.sha256((base + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:16]
-            yield ImageTask(row=row, number=k, settings_hash=digest, seed_drawn=drawn, **settings)
+            hashed = json.dumps({**settings, **hashed_inputs}, sort_keys=True)  # text rows: as before the inputs
+            digest = hashlib.sha256((base + hashed).encode()).hexdigest()[:16]
+            yield ImageTask(row=row, number=k, settings_hash=digest, seed_drawn=drawn, images=row.images,
+                            mask=row.mask, **settings)
 
 
 def batches(tasks: list[ImageTask], batch_size: int) -> Iterator[list[ImageTask]]:

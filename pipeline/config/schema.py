@@ -299,6 +299,8 @@ class ColumnsConfig:
     prompt: Optional[str] = None
     id: Optional[str] = None
     negative_prompt: Optional[str] = None
+    image: Optional[str] = None  # an edit model's input image(s)
+    mask: Optional[str] = None  # an inpainting model's mask
 
 
 @dataclass

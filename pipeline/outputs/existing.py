@@ -125,6 +125,9 @@ def describe_differences(side: dict[str, Any], new: dict[str, Any]) -> str:
     differ("model", side.get("model"), new.get("model"))
     differ("scheduler", side.get("scheduler"), new.get("scheduler"))
     differ("quantization", _quant_label(side.get("quantization")), _quant_label(new.get("quantization")))
+    inputs = lambda d: ", ".join(f"{i.get('role')} {Path(str(i.get('path'))).name} ({str(i.get('sha256'))[:12]})"  # noqa: E731
+                                 for i in d.get("inputs") or []) or "none"
+    differ("input images", inputs(side), inputs(new))
     if "dtype" in new:
         differ("dtype", side.get("dtype"), new.get("dtype"))
     return ", ".join(out) or ("other model or scheduler details (settings hash "
