@@ -35,11 +35,14 @@ def compare_to_reference(models, family: str, batch: list[ImageTask], images, re
     return [psnr(a, b) for a, b in zip(images, reference)]
 
 
-def largest_call(pending: list[ImageTask], batch_size: int, dtype_bytes: int) -> Workload:
-    """The biggest pipeline call the run will make: what device memory is estimated for."""
-    return Workload(min(batch_size, max(1, len(pending))), max((t.height for t in pending), default=16),
-                    max((t.width for t in pending), default=16),
-                    max((t.max_sequence_length for t in pending), default=1), dtype_bytes)
+def largest_call(pending: list[ImageTask], batch_size: int, dtype_bytes: int, family: Optional[str] = None) -> Workload:
+    """The biggest pipeline call the run will make: what device memory is estimated for (a family's max_batch caps
+    the images per call; its extra_tokens count what input images add to the sequence)."""
+    fam = get_family(family) if family else None
+    images = min(batch_size, max(1, len(pending)), (fam.max_batch if fam else None) or batch_size)
+    extra = max((fam.extra_tokens(t) for t in pending), default=0) if fam else 0
+    return Workload(images, max((t.height for t in pending), default=16), max((t.width for t in pending), default=16),
+                    max((t.max_sequence_length for t in pending), default=1), dtype_bytes, extra)
 
 
 StepEnd = Callable[[Any, int, Any, dict], Optional[dict]]  # a diffusers callback_on_step_end
@@ -63,11 +66,23 @@ def chain_step_callbacks(callbacks: StepEnd | Sequence[StepEnd | None] | None) -
     return chained
 
 
+def takes_argument(pipe, name: str) -> bool:
+    """Whether the pipeline's __call__ has a parameter `name` (FluxFillPipeline's has no true_cfg_scale)."""
+    import inspect
+
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
 def generate_batch(pipe, family: str, batch: list[ImageTask], on_step: StepEnd | Sequence[StepEnd | None] | None = None):
     """One pipeline call for tasks sharing a batch key; each image has its own seeded generator.
 
     `on_step`: diffusers `callback_on_step_end` callable(s) `(pipe, step_index, timestep, callback_kwargs)`, run
-    after every denoising step (the stop check raises there; a progress callback can go beside it)."""
+    after every denoising step (the stop check raises there; a progress callback can go beside it). A family with
+    a `max_batch` gets calls of at most that many images, one after the other (their images in batch order)."""
+    most = get_family(family).max_batch
+    if most is not None and len(batch) > most:  # e.g. QwenImageEditPlusPipeline takes one prompt per call
+        return [image for start in range(0, len(batch), most)
+                for image in generate_batch(pipe, family, batch[start : start + most], on_step)]
     t = batch[0]
     kwargs: dict[str, Any] = dict(
         prompt=[x.prompt for x in batch],
@@ -80,7 +95,12 @@ def generate_batch(pipe, family: str, batch: list[ImageTask], on_step: StepEnd |
         generator=[torch.Generator("cpu").manual_seed(x.seed) for x in batch],
         output_type="pil",
     )
-    if t.true_cfg_scale > 1:
+    if not takes_argument(pipe, "true_cfg_scale"):  # no true CFG at all (FluxFillPipeline)
+        if t.true_cfg_scale > 1:
+            raise ValueError(f"{type(pipe).__name__} has no true classifier-free guidance (no true_cfg_scale, no "
+                             f"negative prompt): set true_cfg_scale to 1, got {t.true_cfg_scale}")
+        del kwargs["true_cfg_scale"]
+    elif t.true_cfg_scale > 1:
         kwargs["negative_prompt"] = [x.negative_prompt or " " for x in batch]
     kwargs.update(get_family(family).call_kwargs(pipe, batch))  # guidance, input images: the family's own
     callback = chain_step_callbacks(on_step)

@@ -119,7 +119,16 @@ def fitting_models(info: CheckpointInfo) -> tuple[list[str], Optional[str], dict
             mismatches[m.name] = wrong
         else:
             fits.append(m.name)
-    return fits, ("config" if info.config else "blocks") if fits else None, mismatches
+    return named_in_file(fits, info.path), ("config" if info.config else "blocks") if fits else None, mismatches
+
+
+def named_in_file(fits: list[str], path: str) -> list[str]:
+    """Of several models a file fits by shape (FLUX.1-dev and Kontext have one config), those its file name names
+    (the longest name where one contains another: tiny-flux-kontext, not tiny-flux); all of them if it names none."""
+    stem = Path(path).name.lower()
+    named = [m for m in fits if m.lower() in stem]
+    named = [m for m in named if not any(m != o and m.lower() in o.lower() for o in named)]
+    return named if len(fits) > 1 and named else fits
 
 
 def name_conflicts(from_name: Optional[dict], info: CheckpointInfo) -> list[str]:

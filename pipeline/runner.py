@@ -45,7 +45,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.config.schema import OnError, RunConfig
-from pipeline.errors import ManifestError, PipelineError, RunInterrupted
+from pipeline.errors import ConfigError, ManifestError, PipelineError, RunInterrupted
 from pipeline.generate import compare_to_reference, generate_batch, largest_call, psnr  # noqa: F401 (psnr: callers)
 from pipeline.interrupt import Stop, StopSignals, signal_name
 from pipeline.manifest import Manifest, read_manifest, resolve_manifest_path
@@ -107,6 +107,18 @@ def plan_quantization(cfg: RunConfig) -> tuple[QuantPlan, Optional[CheckpointInf
     return plan, info
 
 
+def _has_true_cfg(family_name: str) -> bool:
+    """Whether the family's diffusers pipeline takes `true_cfg_scale` (a negative-prompt pass)."""
+    import inspect
+
+    import diffusers
+
+    from pipeline.families import family
+
+    cls = getattr(diffusers, family(family_name).pipeline_class)
+    return "true_cfg_scale" in inspect.signature(cls.__call__).parameters
+
+
 def _check_rows_against_model(manifest: Manifest, cfg: RunConfig) -> None:
     """Row values that are fine in general but not for this model become row problems too."""
     from pipeline.manifest import RowProblem
@@ -116,6 +128,18 @@ def _check_rows_against_model(manifest: Manifest, cfg: RunConfig) -> None:
     for r in bad:
         manifest.problems.append(RowProblem(str(manifest.path), r.line, "steps",
                                             f"{cfg.model.name} needs at least {least} steps, got {r.steps}"))
+    if not _has_true_cfg(cfg.model.family):  # e.g. FLUX.1 Fill: no negative-prompt pass at all
+        default = cfg.sampler.true_cfg_scale if cfg.sampler.true_cfg_scale is not None else \
+            cfg.model.recommended.true_cfg_scale
+        if default > 1:
+            raise ConfigError([("sampler.true_cfg_scale", f"{cfg.model.name} has no true classifier-free guidance "
+                                f"(its pipeline takes no true_cfg_scale or negative prompt); set it to 1, got {default}")])
+        no_cfg = [r for r in manifest.rows if r.true_cfg_scale is not None and r.true_cfg_scale > 1 and r not in bad]
+        for r in no_cfg:
+            manifest.problems.append(RowProblem(str(manifest.path), r.line, "true_cfg_scale",
+                                                f"{cfg.model.name} has no true classifier-free guidance; "
+                                                f"use 1 (or leave it out), got {r.true_cfg_scale}"))
+        bad += no_cfg
     manifest.rows = [r for r in manifest.rows if r not in bad]
     manifest.bad_rows += len(bad)
     manifest.problems.sort(key=lambda p: p.line)
@@ -238,7 +262,8 @@ def _run_locked(cfg: RunConfig, manifest: Manifest, plan: QuantPlan, info: Optio
             return state.record
         if part.pending:
             _generate_all(cfg, plan, info, todo, len(part.pending), state, stop, device,
-                          largest_call([t for b in todo for t in b.tasks], cfg.job.batch_size, dtype.itemsize))
+                          largest_call([t for b in todo for t in b.tasks], cfg.job.batch_size, dtype.itemsize,
+                                       cfg.model.family))
         stop.check()  # a signal during the last batch's saving: say so rather than `complete`
         finish_record(cfg, tasks, state, clock, status="incomplete" if state.record["counts"]["failed"] else "complete",
                       overrides=overrides, stop=stop)

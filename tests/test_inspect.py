@@ -207,7 +207,8 @@ def test_metadata_that_disagrees_with_the_tensors_is_a_problem(saved, tmp_path, 
 
 def test_the_model_a_file_fits_comes_from_its_config_or_else_its_blocks(saved, tmp_path, capsys):
     _, good = saved("tiny-flux", "int4", "legacy")
-    no_config = rewrite_metadata(good, tmp_path / "no-config.safetensors", config=None)
+    # named: block counts alone also fit tiny-flux-kontext and tiny-flux-fill (inspect.named_in_file picks by name)
+    no_config = rewrite_metadata(good, tmp_path / "no-config-tiny-flux.safetensors", config=None)
     status, out, _ = inspect_in_process(capsys, no_config, "--json")
     r = json.loads(out)
     assert (status, r["fits"], r["fits_by"], r["metadata"]["config"]) == (0, ["tiny-flux"], "blocks", False)

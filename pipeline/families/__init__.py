@@ -14,7 +14,7 @@ from __future__ import annotations
 from pipeline.families.base import INPUT_KINDS, Family, registered
 
 # Each module registers its family (and architecture) on import; the order is the order `names()` lists them.
-from pipeline.families import flux, qwen_image  # noqa: E402,F401  isort: skip
+from pipeline.families import flux, flux_fill, flux_kontext, qwen_image, qwen_image_edit, z_image  # noqa: E402,F401  isort: skip
 
 __all__ = ["INPUT_KINDS", "Family", "family", "inputs_of", "names"]
 

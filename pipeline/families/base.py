@@ -25,6 +25,10 @@ def no_call_kwargs(pipe, batch: list["ImageTask"]) -> dict[str, Any]:
     return {}
 
 
+def no_extra_tokens(task: "ImageTask") -> int:
+    return 0
+
+
 def no_calibration_kwargs(pipe, height: int, width: int) -> dict[str, Any]:
     return {}
 
@@ -73,6 +77,11 @@ class Family:
     max_images: int = 1  # for inputs == "images": how many a row may give
     call_kwargs: Callable[[Any, list["ImageTask"]], dict[str, Any]] = no_call_kwargs
     calibration_kwargs: Callable[[Any, int, int], dict[str, Any]] = no_calibration_kwargs  # e.g. a stand-in image
+    extra_tokens: Callable[["ImageTask"], int] = no_extra_tokens  # sequence tokens a task's inputs add (memory)
+    max_batch: Optional[int] = None  # most images one pipeline call may make (None: job.batch_size); larger batches
+    #                                  are made in calls of this many (QwenImageEditPlusPipeline takes one prompt)
+    # (model folder) -> components to give from_pretrained instead of loading them (None: it loads them all)
+    pretrained_components: Optional[Callable[[Any], dict[str, Any]]] = None
     description: str = ""
 
     @property

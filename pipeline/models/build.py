@@ -88,9 +88,13 @@ def _load_pretrained(model: ModelConfig, dtype: torch.dtype, transformer=None):
     from pipeline.models.pretrained import resolve_model_dir
 
     folder = resolve_model_dir(model)
-    cls = getattr(diffusers, family(model.family).pipeline_class)
+    fam = family(model.family)
+    cls = getattr(diffusers, fam.pipeline_class)
     given = {} if transformer is None else {"transformer": transformer}
-    log.info("Loading %s from %s%s", model.name, folder, " (its transformer from the quantized file)" if given else "")
+    if fam.pretrained_components is not None:  # e.g. Qwen-Image-Edit's processor without torchvision
+        given.update(fam.pretrained_components(folder))
+    log.info("Loading %s from %s%s", model.name, folder,
+             " (its transformer from the quantized file)" if transformer is not None else "")
     with quiet_diffusers():
         return cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **given)
 

@@ -4,8 +4,10 @@ Weights come from safetensors headers (or in-process modules), never from loadin
 run's resolution and batch size. pipeline/models/placement.py turns the estimate into a placement.
 
 Activation estimate (bytes; a = bytes per element of the run dtype, B = images per pipeline call):
-  denoise = B * (H/16 * W/16 + T) * D * a * 20      tokens: one per 16x16 pixels (8x VAE, 2x2 patches) plus
-                                                     T text tokens; D = heads * head_dim (3072 for both models);
+  denoise = B * (H/16 * W/16 + T + E) * D * a * 20  tokens: one per 16x16 pixels (8x VAE, 2x2 patches) plus
+                                                     T text tokens, plus E an edit model's input images add
+                                                     (their latents; Qwen-Image-Edit's vision tokens: each
+                                                     family's extra_tokens); D = heads * head_dim (3072);
                                                      20 live (B, S, D) tensors: a block's residual, norm, q/k/v,
                                                      attention out, 4D MLP hidden and its activation, the
                                                      single-block concat, fp32 norm upcasts. Attention is
@@ -172,6 +174,13 @@ def _vae_dims(cfg: dict[str, Any], tile: Optional[int]) -> tuple[int, Optional[i
     return int(cfg["block_out_channels"][0]), tile or size
 
 
+def _transformer_width(cfg: dict[str, Any]) -> int:
+    """Attention heads x head dim, or the config's `dim` where it gives the width itself (Z-Image's)."""
+    if "num_attention_heads" in cfg and "attention_head_dim" in cfg:
+        return int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    return int(cfg["dim"])
+
+
 def model_dims(source, transformer_config: Optional[dict[str, Any]] = None) -> ModelDims:
     """From a diffusers folder's config.json files, or from an in-process pipeline's module configs;
     `transformer_config` stands in for a folder without transformer/config.json (a quantized file's metadata)."""
@@ -190,7 +199,7 @@ def model_dims(source, transformer_config: Optional[dict[str, Any]] = None) -> M
         tile = getattr(source.vae, "tile_sample_min_size", None) or getattr(source.vae, "tile_sample_min_height", None)
         t = dict(source.transformer.config)
     channels, tile = _vae_dims(vae_cfg, tile)
-    return ModelDims(int(t["num_attention_heads"]) * int(t["attention_head_dim"]),
+    return ModelDims(_transformer_width(t),
                      tuple(_text_width(c) for c in text), channels, tile)
 
 
@@ -203,6 +212,7 @@ class Workload:
     width: int
     text_tokens: int  # max_sequence_length
     dtype_bytes: int  # 2 for bfloat16/float16, 4 for float32
+    extra_tokens: int = 0  # what an edit model's input images add to the transformer's sequence (Family.extra_tokens)
 
 
 @dataclass(frozen=True)
@@ -247,7 +257,7 @@ class MemoryEstimate:
 def activation_bytes(dims: ModelDims, work: Workload, vae_tiling: bool) -> tuple[int, int, int]:
     """(text, denoise, vae) working sets in bytes; the formulas and their assumptions are in the module doc."""
     b, a = work.batch_size, work.dtype_bytes
-    tokens = (work.height // PIXELS_PER_TOKEN) * (work.width // PIXELS_PER_TOKEN) + work.text_tokens
+    tokens = (work.height // PIXELS_PER_TOKEN) * (work.width // PIXELS_PER_TOKEN) + work.text_tokens + work.extra_tokens
     denoise = b * tokens * dims.transformer_width * a * DENOISE_FACTOR
     text = b * work.text_tokens * sum(dims.text_widths) * a * TEXT_FACTOR
     h, w, images = work.height, work.width, b

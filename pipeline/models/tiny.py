@@ -85,6 +85,18 @@ def seeded(seed: int, build):
         return build().eval()
 
 
+def tiny_vae(spec: TinySpec, shift_factor: float, scaling_factor: float):
+    """An AutoencoderKL at toy size with 16 latent channels and 8x downsampling (FLUX.1's and Z-Image's kind), seeded
+    with spec.seed + 1; `shift_factor`/`scaling_factor`: the real model's latent normalisation."""
+    from diffusers import AutoencoderKL
+
+    return seeded(spec.seed + 1, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=spec.sample_size, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=shift_factor, scaling_factor=scaling_factor))
+
+
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """Split the head dim over (text, height, width) rope axes like FLUX.1's (16, 56, 56) of 128."""
     if head_dim % 4:

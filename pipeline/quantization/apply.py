@@ -101,10 +101,12 @@ def calibrate(pipe, cfg, height: int, width: int, max_sequence_length: int):
         raise QuantizationError(f"quantization.calibration.manifest={c.manifest} has no usable prompts")
     from pipeline.families import family
 
+    fam = family(cfg.model.family)
     h, w = c.height or height, c.width or width
     settings = CalibrationSettings(prompts=prompts, steps=c.steps, height=h, width=w, max_rows=c.max_rows,
-                                   batch_size=c.batch_size, seed=c.seed, max_sequence_length=max_sequence_length,
-                                   call_kwargs=family(cfg.model.family).calibration_kwargs(pipe, h, w))
+                                   batch_size=min(c.batch_size, fam.max_batch or c.batch_size), seed=c.seed,
+                                   max_sequence_length=max_sequence_length,
+                                   call_kwargs=fam.calibration_kwargs(pipe, h, w))
     log.info("calibrating: %d prompts x %d steps at %dx%d (%s)", len(prompts), c.steps, settings.width,
              settings.height, manifest.path)
     # one line per denoising step (one transformer call each: calibration runs without CFG)

@@ -49,6 +49,9 @@ class Architecture:
     legacy_names: Optional[LegacyNames] = None  # the per-block legacy naming, where the architecture has one
     comfy_config: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None  # `comfy_config` metadata
     unfolded_diffusers_files: bool = False  # diffusers-named files hold the AdaLN scale bias without the +1
+    # W4A4 layers whose linears have no bias get a zero `.bias` in files (the engine's layers always have one);
+    # False: only a layer with a bias carries one (the engine builds bias-less layers and loads files strictly)
+    zero_bias: bool = True
     fusions: Callable[[], Fusions] = Fusions  # the fused forwards (called when installing: imports diffusers)
     engine_class: Optional[str] = None  # the real Nunchaku engine's transformer class, where it has one
     checked_against: str = ""  # what the target layout was checked against (README, inspect)

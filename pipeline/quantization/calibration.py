@@ -65,13 +65,18 @@ def collect_stats(pipe, targets: list[Target], settings: CalibrationSettings) ->
         c = _Collector(t.cols, per_call, torch.Generator().manual_seed(settings.seed + i))
         collectors[t.name] = c
         handles.append(get_module(transformer, t.parts[0]).register_forward_pre_hook(c))
+    import inspect
+
+    # true CFG off where the pipeline has it (FluxFillPipeline has none, and no such argument)
+    takes_cfg = "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+    no_true_cfg = {"true_cfg_scale": 1.0} if takes_cfg else {}
     try:
         for start in range(0, len(settings.prompts), settings.batch_size):
             chunk = list(settings.prompts[start : start + settings.batch_size])
             gens = [torch.Generator("cpu").manual_seed(settings.seed + start + j) for j in range(len(chunk))]
             with torch.inference_mode():
                 pipe(prompt=chunk, num_inference_steps=settings.steps, height=settings.height,
-                     width=settings.width, generator=gens, output_type="latent", true_cfg_scale=1.0,
+                     width=settings.width, generator=gens, output_type="latent", **no_true_cfg,
                      max_sequence_length=settings.max_sequence_length, **settings.call_kwargs)
     finally:
         for h in handles:

@@ -58,9 +58,11 @@ def file_name(precision: str, rank: int, model_name: str) -> str:
 
 # ---------- writing ----------
 
-def _pack_svdq(name: str, parts: list[SVDQW4A4Linear], fused: bool, dtype16: torch.dtype) -> dict[str, torch.Tensor]:
+def _pack_svdq(name: str, parts: list[SVDQW4A4Linear], fused: bool, dtype16: torch.dtype,
+               zero_bias: bool = True) -> dict[str, torch.Tensor]:
     """One W4A4 layer in file layout. NVFP4 as DeepCompressor writes it: a fused q/k/v layer carries its per-tensor
-    scale per output channel (`wcscales`, 16-bit), any other layer a 16-bit `wtscale` of shape (1,)."""
+    scale per output channel (`wcscales`, 16-bit), any other layer a 16-bit `wtscale` of shape (1,). A layer
+    without a bias gets a zero one unless `zero_bias` is False (Architecture.zero_bias)."""
     first = parts[0]
 
     def cat(attr):
@@ -79,8 +81,10 @@ def _pack_svdq(name: str, parts: list[SVDQW4A4Linear], fused: bool, dtype16: tor
         f"{name}.proj_up": pk.pack_proj_up(cat("proj_up")),
     }
     # every W4A4 layer carries a bias, zeros where the layer has none (DeepCompressor writes it so; Nunchaku's
-    # layers always have one, e.g. the second half of a split proj_out under NVFP4)
-    out[f"{name}.bias"] = pk.pack_vector(bias if bias is not None else torch.zeros(n, dtype=first.smooth.dtype))
+    # layers always have one, e.g. the second half of a split proj_out under NVFP4), unless the architecture's
+    # engine builds bias-less layers
+    if bias is not None or zero_bias:
+        out[f"{name}.bias"] = pk.pack_vector(bias if bias is not None else torch.zeros(n, dtype=first.smooth.dtype))
     if first.precision == "nvfp4":
         tensor_scale = torch.cat([p.wtscale.detach().cpu().float().reshape(1).expand(p.out_features) for p in parts])
         channel = cat("wcscales").float() if first.wcscales is not None else torch.ones(n)
@@ -132,7 +136,7 @@ def state_dict_for_file(transformer: nn.Module, *, precision: str, naming: Optio
         if isinstance(parts[0], AWQW4A16Linear):
             tensors.update(_pack_awq(name, parts[0], t, dtype16, _file_fold(t, parts[0].out_features, arch, naming)))
         else:
-            tensors.update(_pack_svdq(name, parts, len(t.parts) > 1, dtype16))
+            tensors.update(_pack_svdq(name, parts, len(t.parts) > 1, dtype16, arch.zero_bias))
     skip = tuple(f"{p}." for p, m in transformer.named_modules() if isinstance(m, QUANTIZED_MODULES))
     for key, value in transformer.state_dict().items():
         if not key.startswith(skip):
@@ -161,7 +165,9 @@ def file_layout(transformer: nn.Module, *, precision: str, rank: int, naming: Op
         else:
             fields = {"qweight": ((n, k // 2), torch.int8), "wscales": ((k // group, n), scale_dtype),
                       "smooth_factor": ((k,), dtype16), "smooth_factor_orig": ((k,), dtype16),
-                      "proj_down": ((k, rank), dtype16), "proj_up": ((n, rank), dtype16), "bias": ((n,), dtype16)}
+                      "proj_down": ((k, rank), dtype16), "proj_up": ((n, rank), dtype16)}
+            if arch.zero_bias or all(transformer.get_submodule(p).bias is not None for p in t.parts):
+                fields["bias"] = ((n,), dtype16)
             if precision == "nvfp4":
                 fields.update({"wcscales": ((n,), dtype16)} if len(t.parts) > 1 else {"wtscale": ((1,), dtype16)})
         layout.update({f"{t.name}.{f}": v for f, v in fields.items()})

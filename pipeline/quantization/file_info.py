@@ -19,9 +19,12 @@ from pipeline.errors import QuantizationError
 from pipeline.quantization.architecture import architecture_of_file, architectures
 from pipeline.quantization.file_names import naming_of
 
-# config keys that fix the transformer's tensor shapes (diffusers' names, whatever the family)
+# config keys that fix the transformer's tensor shapes (diffusers' names, whatever the family; some transformers'
+# configs have their own: dim, n_layers, n_refiner_layers, n_heads, cap_feat_dim, all_patch_size, ...)
 SHAPE_KEYS = ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-              "pooled_projection_dim", "in_channels", "out_channels", "patch_size", "guidance_embeds")
+              "pooled_projection_dim", "in_channels", "out_channels", "patch_size", "guidance_embeds",
+              "dim", "n_layers", "n_refiner_layers", "n_heads", "qk_norm", "cap_feat_dim", "siglip_feat_dim",
+              "all_patch_size", "all_f_patch_size")
 
 
 def quantization_config(precision: str, rank: int) -> dict[str, Any]:

@@ -111,6 +111,27 @@ def _thumb(img: Image.Image, side: int, dest: Path) -> None:
     t.save(dest, optimize=True)
 
 
+def _input_thumbs(run_dir: Path, side: dict[str, Any], size: int, folder: Path, out: Path) -> list[dict[str, str]]:
+    """An edit or inpainting image's inputs (its sidecar's `inputs`, found by sha256 in the run's run.json), as
+    thumbnails for the page: [{role, name, thumb, image}]; inputs whose file is gone are left out."""
+    given = side.get("inputs") or []
+    if not given:
+        return []
+    run = read_json_object(run_dir / "run.json") or {}
+    where = {i.get("sha256"): i.get("path") for i in (run.get("manifest") or {}).get("inputs") or []}
+    found = []
+    for i in given:
+        path = Path(str(where.get(i.get("sha256")) or ""))
+        if not path.is_file():
+            continue
+        dest = folder / f"{i.get('sha256', '')[:16]}.png"
+        if not dest.is_file():
+            _thumb(_rgb(path), size, dest)
+        found.append({"role": str(i.get("role") or "image"), "name": path.name, "thumb": _rel(dest, out),
+                      "image": _rel(path, out)})
+    return found
+
+
 def _diff(ref: Image.Image, img: Image.Image, side: int, dest: Path) -> None:
     """Absolute difference (mean over channels, scaled so the largest is bright) as a heat map."""
     from matplotlib import colormaps
@@ -164,6 +185,8 @@ def collect(folder: Path, cfg: ReportConfig, reference: Optional[str], out: Path
         ref_cache[key] = _rgb(ref_dir / side["file"])
         _thumb(ref_cache[key], cfg.thumbnail, dest)
         ref_thumbs[key] = _rel(dest, out)
+    ref_inputs = {key: _input_thumbs(ref_dir, side, cfg.thumbnail, thumbs / "_inputs", out)
+                  for key, side in ref_images.items()}
 
     for v in variants:
         vdir = Path(v["dir"])
@@ -214,5 +237,5 @@ def collect(folder: Path, cfg: ReportConfig, reference: Optional[str], out: Path
             "set_metric_names": sorted({k for v in variants for k in v["set_metrics"]}),
             "skipped": dict(getattr(metrics, "skipped", {}) or {}),
             "reference_images": {f"{k[0]}_{k[1]}": {"prompt": s.get("prompt"), "thumb": ref_thumbs[k],
-                                                    "image": _rel(ref_dir / s["file"], out)}
+                                                    "image": _rel(ref_dir / s["file"], out), "inputs": ref_inputs[k]}
                                  for k, s in ref_images.items()}}

@@ -93,6 +93,10 @@ def write_html(data: dict[str, Any], cfg: ReportConfig, out: Path) -> Path:
         h.append(f"<div class='prompt' id='p-{escape(key)}'><h3>{escape(key)}{worst}</h3>"
                  f"<p>{escape(refimg['prompt'] or '')}</p><button class='toggle'>difference heat map</button>"
                  "<div class='row'>")
+        for given in refimg.get("inputs") or []:  # edit / inpainting runs: the input(s) first
+            h.append(f"<figure><a href='{escape(given['image'])}'><img class='input' src='{escape(given['thumb'])}' "
+                     f"alt='input {escape(given['role'])}'></a><figcaption><b>input {escape(given['role'])}</b><br>"
+                     f"{escape(given['name'])}</figcaption></figure>")
         h.append(f"<figure><a href='{escape(refimg['image'])}'><img class='ref' src='{escape(refimg['thumb'])}' "
                  f"alt='reference'></a><figcaption><b>{escape(ref['label'])}</b> (reference)</figcaption></figure>")
         for p in pairs:

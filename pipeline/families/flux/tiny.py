@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.config.schema import TinySpec
-from pipeline.models.tiny import rope_axes, seeded, tokenizer
+from pipeline.models.tiny import rope_axes, seeded, tiny_vae, tokenizer
 
 
 def transformer_config(spec: TinySpec, in_channels: int = 64, out_channels=None) -> dict:
@@ -21,7 +21,7 @@ def build_tiny_flux(spec: TinySpec, transformer=None, pipeline_class: str = "Flu
     seeded one (a quantized transformer built from a file); `config`: the transformer's config, if not the
     text-to-image one."""
     import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tok = tokenizer("clip", spec.vocab_size)
@@ -29,24 +29,7 @@ def build_tiny_flux(spec: TinySpec, transformer=None, pipeline_class: str = "Flu
     text_dim = spec.text_hidden_size
     if transformer is None:
         transformer = seeded(spec.seed, lambda: FluxTransformer2DModel(**(config or transformer_config(spec))))
-    vae = seeded(
-        spec.seed + 1,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[8, 8, 16, 16],
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            sample_size=spec.sample_size,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-    )
+    vae = tiny_vae(spec, shift_factor=0.0609, scaling_factor=1.5035)
     clip_cfg = CLIPTextConfig(
         vocab_size=len(clip_tok),
         hidden_size=text_dim,
