@@ -21,7 +21,7 @@ run: setup
 	$(PY) -m pipeline $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 quantize: setup
 	$(PY) -m pipeline.quantize_job $(ARGS)

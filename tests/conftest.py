@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core (pytest-xdist): one CPU thread
+    os.environ["OMP_NUM_THREADS"] = "1"  # each, here and in the runs tests start (same threads, same bytes)
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter: must be set before triton is imported
