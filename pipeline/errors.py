@@ -57,3 +57,7 @@ class RunInterrupted(Exception):
         name = _signal.Signals(signum).name
         where = f"; rerun the same command to finish (output: {out_dir})" if out_dir else ""
         super().__init__(f"interrupted by {name}{where}")
+
+
+class LoraError(PipelineError):
+    """A LoRA file that is missing, unreadable, made for another model, or has keys no layer matches."""
