@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.config.schema import ModelSource, RunConfig
-from pipeline.errors import ModelNotFoundError
+from pipeline.errors import LoraError, ModelNotFoundError
+from pipeline.lora.run import RunLoras
 from pipeline.models import load_pipeline, resolve_device, resolve_dtype
 from pipeline.models.memory import (MemoryEstimate, Workload, component_bytes, estimate_memory, model_dims,
                                     transformer_bytes)
@@ -46,9 +47,10 @@ class LoadedModels:
     kernel_check: Optional[dict[str, Any]] = None  # the Triton kernels' self-check (kernels/selfcheck.py)
 
 
-def load_models(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], work: Workload) -> LoadedModels:
+def load_models(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], work: Workload,
+                loras: Optional[RunLoras] = None) -> LoadedModels:
     """The pipeline as the plan wants it, placed on the run's device; `work` is the largest pipeline call the run
-    makes (for the memory estimate)."""
+    makes (for the memory estimate); `loras`: the run's LoRAs, whose first set goes on before placement."""
     device = resolve_device(cfg.sampler.device)
     dtype = resolve_dtype(cfg.sampler.dtype, device)
     estimate = None if cfg.model.source == ModelSource.tiny else _estimate_before_loading(cfg, plan, info, dtype, work)
@@ -95,6 +97,12 @@ def load_models(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo],
 
         kernel_check = self_check(pipe.transformer, device, dtype, cfg.quantization.strict)
         log.info("%s", kernel_check["summary"])
+    if loras is not None and loras.used:
+        if summary.backend == "nunchaku":
+            raise LoraError("LoRAs are applied to this project's SVDQuant layers; the Nunchaku engine's transformer "
+                            "takes its own LoRA calls. Use quantization.backend=native for a run with LoRAs.")
+        loras.check_placement(placement)
+        loras.use(loras.sets[0], pipe.transformer, reference)
     apply_placement(pipe, placement, device, dtype)
     summary.bytes_after = module_bytes(pipe.transformer)
     return LoadedModels(pipe, device, dtype, summary, placement, reference, kernel_check)

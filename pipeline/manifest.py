@@ -28,6 +28,8 @@ Fields, in every format, matched ignoring case, '_', '-' and spaces (`Negative P
           image(s) of an edit model, paths relative to the manifest's folder; several: a JSON/YAML list, or in a
           CSV/TSV cell separated by '|' (a.png|b.png)
   mask:   mask, mask_image, mask_path (or `job.columns.mask`): an inpainting model's mask
+  loras:  loras, lora: the row's own LoRAs, added to the run's (`[{"path": "a.safetensors", "strength": 0.8}]`,
+          in a CSV/TSV cell `a.safetensors:0.8|b.safetensors`; pipeline/lora/spec.py)
 Input images are checked against the model's input kind (`inputs`, see pipeline/inputs.py); COCO's `images`
 list is the document's layout, not a row field, and its `image_id` stays a tag.
 Every other column/field is kept as a tag, nested values (GenEval's `include`) as they are; the other
@@ -52,6 +54,7 @@ from typing import Any, Optional
 
 from pipeline.config.schema import check_generation_values
 from pipeline.inputs import LIST_SEPARATOR, InputChecker, InputImage
+from pipeline.lora.spec import LoraRef, parse_row_loras
 from pipeline.manifest_formats import FORMATS, PARSERS, Parsed, Record, Text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +62,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INT_FIELDS = ("seed", "steps", "height", "width", "num_images")
 FLOAT_FIELDS = ("guidance", "true_cfg_scale")
 STR_FIELDS = ("id", "negative_prompt")
-KNOWN_FIELDS = ("prompt", *STR_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "tags", "image", "mask")
+KNOWN_FIELDS = ("prompt", *STR_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "tags", "image", "mask", "loras")
 MAX_IMAGES_PER_ROW = 64
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -79,6 +82,7 @@ FIELD_NAMES: dict[str, tuple[str, ...]] = {
     "tags": ("tags",),
     "image": ("image", "images", "input_image", "image_path", "init_image", "source_image"),
     "mask": ("mask", "mask_image", "mask_path"),
+    "loras": ("loras", "lora"),
 }
 MAPPABLE = ("prompt", "id", "negative_prompt", "image", "mask")  # fields `job.columns` can name
 TYPO_TARGETS = (*INT_FIELDS, *FLOAT_FIELDS, "negative_prompt")
@@ -113,6 +117,7 @@ class PromptRow:
     explicit_id: bool = False
     images: tuple[InputImage, ...] = ()  # an edit model's input image(s), checked (pipeline/inputs.py)
     mask: Optional[InputImage] = None  # an inpainting model's mask
+    loras: tuple[LoraRef, ...] = ()  # the row's own LoRAs (pipeline/lora/spec.py), added to the run's
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,12 @@ def _build_row(rec: Record, plan: _Plan, index: int, path: str, suffix: str, che
             problems.append(problem(_name_of(fld, fields), str(e)))
             unreadable.add(fld)
     images, mask = values.pop("image", ()), values.pop("mask", None)
+    if "loras" in values:  # paths relative to the manifest's folder, each file hashed once
+        try:
+            values["loras"] = parse_row_loras(values["loras"], checker.dir)
+        except ValueError as e:
+            problems.append(problem(_name_of("loras", fields), str(e)))
+            del values["loras"]
     prompt = values.get("prompt")
     if prompt is None:
         hint = f"; this file's prompts are in {plan.prompt_name!r}" if plan.prompt_name not in (None, "prompt") else ""
@@ -446,6 +457,8 @@ def _coerce(key: str, value: Any) -> Any:
         return str(value)
     if key == "image":
         return _paths(value)
+    if key == "loras":
+        return str(value) if isinstance(value, Text) else value
     if key == "mask" and not isinstance(value, str):
         raise ValueError(f"expected a path (a string), got {_describe(value)}")
     if key == "mask" and not value.strip():

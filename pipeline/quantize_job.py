@@ -26,6 +26,19 @@ from pipeline.errors import PipelineError, RunInterrupted
 log = logging.getLogger("pipeline")
 
 
+def _loras_to_bake(cfg):
+    """quantize.bake_loras=true: model.loras, read and checked against the model (pipeline/lora/run.py). LoRAs set
+    without it are refused rather than silently left out of the file."""
+    from pipeline.errors import ConfigError
+    from pipeline.lora.run import RunLoras
+
+    if cfg.model.loras and not cfg.quantize.bake_loras:
+        raise ConfigError([("model.loras", "the quantize job writes the model without LoRAs unless "
+                            "quantize.bake_loras=true merges them into the 16-bit weights first; or drop model.loras "
+                            "here and give them to the runs (they work on the 4-bit file)")])
+    return RunLoras.prepare(cfg, [None]) if cfg.quantize.bake_loras else RunLoras({}, [])
+
+
 def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     """Calibrate, quantize and save; returns the report (also written next to the file).
 
@@ -64,8 +77,11 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     rank = q.rank if q.rank is not None else 32
     unsigned = q.act_unsigned if q.act_unsigned is not None else precision == "int4"
     path = output_file(out_dir, precision, rank, cfg.model.name)  # warns now, not after minutes of work
+    baked = _loras_to_bake(cfg)  # read and checked before the model loads
     start = time.perf_counter()
     pipe, device, _ = build_pipeline(cfg.model, cfg.sampler)
+    if baked.used:  # merged into the 16-bit weights: calibration and quantization see the model with them
+        baked.use(baked.sets[0], pipe.transformer, reversible=False)
     before = module_bytes(pipe.transformer)
     rec = cfg.model.recommended
     stats = calibrate(pipe, cfg, cfg.sampler.height or rec.height, cfg.sampler.width or rec.width,
@@ -84,7 +100,8 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     naming = q.naming or default_naming(family(cfg.model.family).architecture)
     save_checkpoint(pipe.transformer, path, precision=precision, rank=rank, act_unsigned=unsigned,
-                    model_name=cfg.model.name, naming=naming, dtype16=dtype16)
+                    model_name=cfg.model.name, naming=naming, dtype16=dtype16,
+                    extra={"baked_loras": [r.to_dict() for r in baked.sets[0]]} if baked.used else None)
     errors = [r.rel_error for r in reports]
     report = {
         "file": str(path),
@@ -94,6 +111,7 @@ def quantize_model_to_file(cfg: RunConfig, out_dir: Path) -> dict:
         "rank": rank,
         "act_unsigned": unsigned,
         "naming": naming,
+        **({"baked_loras": [r.to_dict() for r in baked.sets[0]]} if baked.used else {}),
         "calibration": config_dict(cfg)["quantization"]["calibration"],
         "transformer_bytes_16bit": before,
         "transformer_bytes_quantized": module_bytes(pipe.transformer),

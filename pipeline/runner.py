@@ -48,6 +48,7 @@ from pipeline.config.schema import OnError, RunConfig
 from pipeline.errors import ConfigError, ManifestError, PipelineError, RunInterrupted
 from pipeline.generate import compare_to_reference, generate_batch, largest_call, psnr  # noqa: F401 (psnr: callers)
 from pipeline.interrupt import Stop, StopSignals, signal_name
+from pipeline.lora.run import RunLoras
 from pipeline.manifest import Manifest, read_manifest, resolve_manifest_path
 from pipeline.loading import check_reference_available, load_models
 from pipeline.models import resolve_device, resolve_dtype
@@ -161,6 +162,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
                     plan, info = plan_quantization(cfg)
                     for note in plan.notes:
                         log.info("quantization: %s", note)
+                    loras = RunLoras.prepare(cfg, manifest.rows, info)  # every LoRA file read and checked now
                     device = resolve_device(cfg.sampler.device)
                     if device.type == "cuda" and group.distributed:
                         device = group.cuda_device()  # cuda:LOCAL_RANK, also the current device
@@ -170,7 +172,7 @@ def run_job(cfg: RunConfig, out_dir: Path, overrides: list[str] | None = None) -
             except (Stop, KeyboardInterrupt) as e:
                 raise RunInterrupted(getattr(e, "signum", signal.SIGINT), out_dir) from None
             record = _run_locked(cfg, manifest, plan, info, device, dtype, out_dir, overrides, stop, clock,
-                                 group, start)
+                                 group, start, loras)
         finally:
             lock.release()
     if stop.unhandled is not None:  # it came while the run wrote its final record: still, stop a sweep here
@@ -212,8 +214,9 @@ def _take_folder(cfg: RunConfig, manifest: Manifest, out_dir: Path, lock: Folder
 def _run_locked(cfg: RunConfig, manifest: Manifest, plan: QuantPlan, info: Optional[CheckpointInfo],
                 device: torch.device, dtype: torch.dtype, out_dir: Path, overrides: list[str] | None,
                 stop: StopSignals, clock: Stopwatch, group: Optional[distributed.Group] = None,
-                start: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                start: Optional[dict[str, Any]] = None, loras: Optional[RunLoras] = None) -> dict[str, Any]:
     """The run, holding the folder lock (rank 0 does). Signals are acted on at safe points from here on."""
+    loras = loras if loras is not None else RunLoras({}, [])
     group = group or distributed.Group(distributed.Launch())
     start = start or {}
     previous_seeds, random_seeds = start.get("previous_seeds", {}), start.get("random_seeds", {})
@@ -261,7 +264,7 @@ def _run_locked(cfg: RunConfig, manifest: Manifest, plan: QuantPlan, info: Optio
             finish_record(cfg, tasks, state, clock, status="empty", overrides=overrides, stop=stop)
             return state.record
         if part.pending:
-            _generate_all(cfg, plan, info, todo, len(part.pending), state, stop, device,
+            _generate_all(cfg, plan, info, todo, len(part.pending), state, stop, device, loras,
                           largest_call([t for b in todo for t in b.tasks], cfg.job.batch_size, dtype.itemsize,
                                        cfg.model.family))
         stop.check()  # a signal during the last batch's saving: say so rather than `complete`
@@ -298,7 +301,7 @@ def _image_settings(cfg: RunConfig, plan: QuantPlan) -> dict[str, Any]:
 
 
 def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo], todo: list[Batch],
-                  pending_total: int, state: RunState, stop: StopSignals, device: torch.device,
+                  pending_total: int, state: RunState, stop: StopSignals, device: torch.device, loras: RunLoras,
                   work: Workload) -> None:
     """Make this rank's batches (`todo`); `pending_total` is the images all ranks write (rank 0's progress)."""
     rec, group = state.record, state.group
@@ -306,12 +309,14 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo
     if todo:
         load = Stopwatch()
         with stop.immediate():  # loading writes nothing: a signal need not wait for it to end
-            models = load_models(cfg, plan, info, work)
+            models = load_models(cfg, plan, info, work, loras)
         device = models.device
         rec["quantization"]["summary"] = models.summary.to_dict()
         rec["placement"] = models.placement.to_dict()
         if models.kernel_check is not None:
             rec["quantization"]["kernel_check"] = models.kernel_check
+        if loras.used:
+            rec["loras"] = loras.to_dict()
         rec["timing"]["model_load_s"] = round(load.elapsed(), 4)
         truncated = truncated_rows(models.pipe, cfg.model.family, [t for b in todo for t in b.pending])
         if truncated:
@@ -327,6 +332,7 @@ def _generate_all(cfg: RunConfig, plan: QuantPlan, info: Optional[CheckpointInfo
             pending = batch.pending
             try:
                 steps = step_callback(bar, batch.tasks[0].steps, label=pending[0].stem)
+                loras.use(batch.tasks[0].loras, models.pipe.transformer, models.reference)  # the batch's set
                 images = generate_batch(models.pipe, cfg.model.family, list(batch.tasks),
                                         on_step=[steps, stop.step_end])
             except Exception as e:

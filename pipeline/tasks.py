@@ -37,6 +37,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from pipeline.config.schema import MAX_SIDE, SIZE_MULTIPLE, ModelConfig, ModelSource, RunConfig, SeedPolicy
 from pipeline.inputs import InputImage
+from pipeline.lora.spec import LoraRef, lora_set, run_loras
 from pipeline.manifest import PromptRow
 from pipeline.quantization.plan import QuantPlan
 
@@ -58,6 +59,7 @@ class ImageTask:
     seed_drawn: bool = False  # the seed came from a -1 (drawn at random, recorded in run.json's random_seeds)
     images: tuple[InputImage, ...] = ()  # the row's input image(s) (edit models)
     mask: Optional[InputImage] = None  # the row's mask (inpainting models)
+    loras: tuple[LoraRef, ...] = ()  # the run's and the row's LoRAs, in canonical order (pipeline/lora/spec.py)
 
     @property
     def stem(self) -> str:
@@ -72,7 +74,12 @@ class ImageTask:
     def batch_key(self) -> tuple:
         """Images with equal keys can share one pipeline call (the same input files too)."""
         return (self.steps, self.guidance, self.true_cfg_scale, self.height, self.width, self.max_sequence_length,
-                tuple((i.role, i.sha256) for i in self.inputs))
+                tuple((i.role, i.sha256) for i in self.inputs), self.lora_key)
+
+    @property
+    def lora_key(self) -> tuple:
+        """The LoRA set, as (sha256, strength) pairs: images with other sets never share a pipeline call."""
+        return tuple(r.key() for r in self.loras)
 
     def params(self) -> dict[str, Any]:
         """What made the image (the sidecar and PNG metadata); `seed_drawn` only where the seed was drawn."""
@@ -89,6 +96,7 @@ class ImageTask:
             "max_sequence_length": self.max_sequence_length,
             **({"inputs": [{"role": i.role, "path": i.given, "sha256": i.sha256, "width": i.width,
                             "height": i.height} for i in self.inputs]} if self.inputs else {}),
+            **({"loras": [r.to_dict() for r in self.loras]} if self.loras else {}),
         }
 
 
@@ -226,11 +234,15 @@ def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any],
     rows = list(rows)
     if random_seeds is None:
         random_seeds = draw_random_seeds(rows, s.seed)
+    run_set = run_loras(cfg.model.loras)
     for row in rows:
         first_seed, drawn = _first_seed(row, cfg, random_seeds)
         height, width = _size(row, cfg)
         inputs = row.images + ((row.mask,) if row.mask is not None else ())
         hashed_inputs = {"inputs": [{"role": i.role, "sha256": i.sha256} for i in inputs]} if inputs else {}
+        loras = lora_set(run_set, row.loras)
+        if loras:  # text rows without LoRAs hash as before
+            hashed_inputs["loras"] = [list(r.key()) for r in loras]
         for k in range(row.num_images):
             settings = dict(
                 prompt=row.prompt,
@@ -246,7 +258,7 @@ def expand(rows: Iterable[PromptRow], cfg: RunConfig, identity: dict[str, Any],
             hashed = json.dumps({**settings, **hashed_inputs}, sort_keys=True)  # text rows: as before the inputs
             digest = hashlib.sha256((base + hashed).encode()).hexdigest()[:16]
             yield ImageTask(row=row, number=k, settings_hash=digest, seed_drawn=drawn, images=row.images,
-                            mask=row.mask, **settings)
+                            mask=row.mask, loras=loras, **settings)
 
 
 def batches(tasks: list[ImageTask], batch_size: int) -> Iterator[list[ImageTask]]:

@@ -123,6 +123,15 @@ class ModelDefaults:
 
 
 @dataclass
+class LoraSpec:
+    """One LoRA for the whole run (model.loras): a file (diffusers/PEFT, kohya, ai-toolkit, BFL/ComfyUI, XLabs,
+    Qwen-Image community formats) and its strength."""
+
+    path: str = MISSING
+    strength: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     family: str = MISSING  # a registered family (pipeline/families/); a string: OmegaConf matches enum names
@@ -141,9 +150,13 @@ class ModelConfig:
     pin_memory: bool = False  # page-locked CPU copies of streamed blocks: copies overlap compute, pins RAM
     vae_tiling: bool = False  # VAE decodes tile by tile and image by image (tiling can change pixels slightly)
     text_encoder_device: TextEncoderDevice = TextEncoderDevice.auto
+    loras: list[LoraSpec] = field(default_factory=list)  # LoRAs for every image (rows may add their own)
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = self.check_placement()
+        for i, lora in enumerate(self.loras):
+            if not -10 <= lora.strength <= 10:
+                problems.append((f"model.loras.{i}.strength", f"must be in -10..10, got {lora.strength}"))
         from pipeline.families import names
 
         if self.family not in names():
@@ -364,12 +377,28 @@ class ReportConfig:
 
 
 @dataclass
+class LoraSettings:
+    """How LoRA files are read (pipeline/lora/)."""
+
+    strict: bool = True  # a LoRA key that matches no layer is an error; false: skipped, listed in run.json
+
+
+@dataclass
+class QuantizeSettings:
+    """The quantize job's own settings (svdq-quantize)."""
+
+    bake_loras: bool = False  # merge model.loras into the 16-bit weights before calibrating and quantizing
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     quantization: QuantizationConfig = MISSING
     sampler: SamplerConfig = MISSING
     job: JobConfig = MISSING
     report: ReportConfig = field(default_factory=ReportConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
 
     def check(self) -> list[Problem]:
         problems = (self.model.check() + self.quantization.check() + self.sampler.check() + self.job.check()

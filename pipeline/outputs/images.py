@@ -20,7 +20,9 @@ PNG_JSON_KEY = "svdq-batch"
 
 def a1111_parameters(params: dict[str, Any]) -> str:
     """The `parameters` text that AUTOMATIC1111, ComfyUI loaders and exif tools display."""
-    lines = [params["prompt"]]
+    from pipeline.lora.spec import prompt_tags
+
+    lines = [params["prompt"] + prompt_tags(params.get("loras") or [])]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     q = params.get("quantization") or {}
@@ -34,6 +36,8 @@ def a1111_parameters(params: dict[str, Any]) -> str:
         ("Size", f"{params['width']}x{params['height']}"),
         ("Model", params["model"]),
         ("Quantization", quant),
+        ("Lora hashes", '"' + ", ".join(f"{d['name']}: {d['sha256'][:12]}" for d in params["loras"]) + '"'
+         if params.get("loras") else None),
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
