@@ -13,6 +13,7 @@ import torch
 from pipeline.families import family as get_family
 from pipeline.interrupt import StopSignals
 from pipeline.models.memory import Workload
+from pipeline.quantization.diffusers_compat import takes_argument
 from pipeline.tasks import ImageTask
 
 
@@ -64,13 +65,6 @@ def chain_step_callbacks(callbacks: StepEnd | Sequence[StepEnd | None] | None) -
         return callback_kwargs
 
     return chained
-
-
-def takes_argument(pipe, name: str) -> bool:
-    """Whether the pipeline's __call__ has a parameter `name` (FluxFillPipeline's has no true_cfg_scale)."""
-    import inspect
-
-    return name in inspect.signature(type(pipe).__call__).parameters
 
 
 def generate_batch(pipe, family: str, batch: list[ImageTask], on_step: StepEnd | Sequence[StepEnd | None] | None = None):

@@ -25,7 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config.schema import MAX_SIDE, SIZE_MULTIPLE
 
-# The input kinds of pipeline.families.INPUT_KINDS (kept here so reading a manifest imports no model code).
+# What a model family takes per row (Family.inputs): defined here, with the checks, so reading a manifest
+# imports no model code.
 INPUT_KINDS = ("text", "image", "images", "image+mask")
 MAX_INPUT_IMAGES = {"text": 0, "image": 1, "images": 3, "image+mask": 1}
 MIN_INPUT_SIDE = SIZE_MULTIPLE  # 16 px

@@ -110,14 +110,12 @@ def plan_quantization(cfg: RunConfig) -> tuple[QuantPlan, Optional[CheckpointInf
 
 def _has_true_cfg(family_name: str) -> bool:
     """Whether the family's diffusers pipeline takes `true_cfg_scale` (a negative-prompt pass)."""
-    import inspect
-
     import diffusers
 
     from pipeline.families import family
+    from pipeline.quantization.diffusers_compat import takes_argument
 
-    cls = getattr(diffusers, family(family_name).pipeline_class)
-    return "true_cfg_scale" in inspect.signature(cls.__call__).parameters
+    return takes_argument(getattr(diffusers, family(family_name).pipeline_class), "true_cfg_scale")
 
 
 def _check_rows_against_model(manifest: Manifest, cfg: RunConfig) -> None:

@@ -164,7 +164,7 @@ def test_fill_has_no_true_cfg_so_asking_for_it_is_refused_before_generating(mani
     from diffusers import FluxFillPipeline, FluxKontextPipeline
 
     from pipeline.errors import ConfigError
-    from pipeline.generate import takes_argument
+    from pipeline.quantization.diffusers_compat import takes_argument
 
     cfg = run_config(["model=tiny-flux-fill", f"job.manifest={manifests['fill']}", *SMALL, "sampler.true_cfg_scale=4"])
     with pytest.raises(ConfigError, match="sampler.true_cfg_scale: tiny-flux-fill has no true classifier-free .*got 4.0"):

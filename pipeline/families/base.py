@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from pipeline.inputs import INPUT_KINDS  # defined with the manifest's input checks
+
 if TYPE_CHECKING:
     from pipeline.config.schema import TinySpec
     from pipeline.models.prompt_limits import Encoder
     from pipeline.quantization.architecture import Architecture
     from pipeline.tasks import ImageTask
-
-INPUT_KINDS = ("text", "image", "images", "image+mask")
 
 
 def no_call_kwargs(pipe, batch: list["ImageTask"]) -> dict[str, Any]:

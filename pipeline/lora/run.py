@@ -36,19 +36,13 @@ def run_refs(cfg) -> tuple[LoraRef, ...]:
     """`model.loras` as references; a missing file is a config error naming the key."""
     from pipeline.errors import ConfigError
 
-    try:
-        return run_loras(cfg.model.loras)
-    except ValueError as e:
-        bad = next(i for i, s in enumerate(cfg.model.loras) if _fails(s))
-        raise ConfigError([(f"model.loras.{bad}.path", str(e))]) from None
-
-
-def _fails(spec) -> bool:
-    try:
-        run_loras([spec])
-    except ValueError:
-        return True
-    return False
+    refs = []
+    for i, spec in enumerate(cfg.model.loras):
+        try:
+            refs += run_loras([spec])
+        except ValueError as e:
+            raise ConfigError([(f"model.loras.{i}.path", str(e))]) from None
+    return tuple(refs)
 
 
 class RunLoras:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from pipeline.quantization.diffusers_compat import takes_argument
 from pipeline.quantization.quantizer import ActStats
 from pipeline.quantization.targets import Target
 from pipeline.quantization.transform import get_module
@@ -65,11 +66,8 @@ def collect_stats(pipe, targets: list[Target], settings: CalibrationSettings) ->
         c = _Collector(t.cols, per_call, torch.Generator().manual_seed(settings.seed + i))
         collectors[t.name] = c
         handles.append(get_module(transformer, t.parts[0]).register_forward_pre_hook(c))
-    import inspect
-
     # true CFG off where the pipeline has it (FluxFillPipeline has none, and no such argument)
-    takes_cfg = "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
-    no_true_cfg = {"true_cfg_scale": 1.0} if takes_cfg else {}
+    no_true_cfg = {"true_cfg_scale": 1.0} if takes_argument(pipe, "true_cfg_scale") else {}
     try:
         for start in range(0, len(settings.prompts), settings.batch_size):
             chunk = list(settings.prompts[start : start + settings.batch_size])
